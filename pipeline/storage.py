@@ -1,0 +1,163 @@
+"""Object storage access for every stage: one place that turns a URI into an fsspec filesystem.
+
+Any fsspec URI works (``s3://``, ``gs://``, ``file://``, plain local paths). For S3-compatible
+servers (SeaweedFS, MinIO, moto) the endpoint comes from an explicit argument or, failing that,
+from ``GLCIC_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``. Credentials are
+never passed through here: s3fs reads the usual AWS variables and profiles itself, so they never
+end up in a config file, a manifest or a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import fsspec
+
+ENDPOINT_ENV_VARS = ("GLCIC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+T = TypeVar("T")
+
+
+class UnsafeKeyError(ValueError):
+    """A relative key that would escape its prefix (``..``, absolute paths, empty segments)."""
+
+
+def endpoint_url_from_env() -> str | None:
+    for name in ENDPOINT_ENV_VARS:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def storage_options_for(uri: str, endpoint_url: str | None = None) -> dict:
+    """fsspec storage options for ``uri``; only S3 needs any (its endpoint)."""
+    if protocol_of(uri) in ("s3", "s3a"):
+        endpoint = endpoint_url or endpoint_url_from_env()
+        opts: dict = {}
+        if endpoint:
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        # Retries with backoff on throttling and connection errors are botocore's job; ask for more
+        # than its default so a storage hiccup of a few seconds does not fail an image.
+        opts["config_kwargs"] = {"retries": {"max_attempts": 10, "mode": "standard"}}
+        return opts
+    return {}
+
+
+def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for ``uri``; ``path`` has no protocol and no trailing slash."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options_for(uri, endpoint_url))
+    return fs, path.rstrip("/") if path not in ("/", "") else path
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URI of ``path`` on ``fs`` (``s3://bucket/key`` or a local path)."""
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if proto in ("file", "local"):
+        return path
+    return f"{proto}://{path}"
+
+
+def safe_relative_key(key: str) -> str:
+    """Normalise a relative key and refuse any that would escape the prefix it is joined to.
+
+    Spaces and unicode are kept as they are (object stores and local file systems both accept
+    them); ``..`` segments, absolute keys, backslashes and NUL bytes are refused.
+    """
+    if not key or "\x00" in key or "\\" in key:
+        raise UnsafeKeyError(f"unsafe object key {key!r}")
+    if key.startswith("/"):
+        raise UnsafeKeyError(f"object key {key!r} is absolute")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafeKeyError(f"object key {key!r} has an empty, '.' or '..' segment")
+    return key
+
+
+def join_key(prefix: str, key: str) -> str:
+    """``prefix/key`` after checking ``key`` cannot leave ``prefix``."""
+    key = safe_relative_key(key)
+    joined = posixpath.join(prefix.rstrip("/"), key) if prefix else key
+    if prefix and not joined.startswith(prefix.rstrip("/") + "/"):
+        raise UnsafeKeyError(f"object key {key!r} escapes prefix {prefix!r}")
+    return joined
+
+
+def relative_key(prefix: str, path: str) -> str:
+    prefix = prefix.rstrip("/")
+    if prefix and path.startswith(prefix + "/"):
+        return path[len(prefix) + 1 :]
+    if path == prefix:
+        return posixpath.basename(path)
+    raise UnsafeKeyError(f"{path!r} is not under {prefix!r}")
+
+
+def iter_files(fs: fsspec.AbstractFileSystem, prefix: str) -> Iterator[str]:
+    """Yield the full path of every object under ``prefix``, sorted, without loading them all.
+
+    ``fs.find`` lists lazily per directory on local disks; on S3 it pages through
+    ListObjectsV2. Hidden files and our own temporaries (``.glcic-tmp-*``) are skipped.
+    """
+    for path in sorted(fs.find(prefix)):
+        name = posixpath.basename(path)
+        if name.startswith("."):
+            continue
+        yield path
+
+
+def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Make ``path`` appear whole or not at all.
+
+    A single S3/GCS PUT is already atomic: readers see the old object or the new one. On local
+    (and other POSIX-like) file systems we write a hidden temporary beside the target and rename
+    it over, which is atomic within one directory.
+    """
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    parent = posixpath.dirname(path)
+    if proto in ("file", "local"):
+        os.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".glcic-tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    fs.pipe_file(path, data)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    return fs.cat_file(path)
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 5,
+    base_delay: float = 0.5,
+    max_delay: float = 8.0,
+    retry_on: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError),
+) -> T:
+    """Call ``fn`` and retry transient storage errors with jittered exponential backoff.
+
+    ``FileNotFoundError`` and ``PermissionError`` are not transient: they are raised at once.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except retry_on:
+            if attempt == attempts - 1:
+                raise
+            delay = min(max_delay, base_delay * (2**attempt))
+            time.sleep(delay * (0.5 + random.random() / 2))
+    raise AssertionError("unreachable")
