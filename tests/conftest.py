@@ -53,7 +53,9 @@ def ray_local(s3_server):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    # address="local" always starts a fresh instance: a bare ray.init() would attach to any
+    # cluster a `ray start --head` left on this machine (it reads /tmp/ray/ray_current_cluster).
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
