@@ -1,0 +1,237 @@
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from model.checkpoint import (
+    CheckpointError,
+    ModelConfig,
+    load_checkpoint,
+    load_generator,
+    save_checkpoint,
+)
+from model.completion import CompletionNetwork
+from model.discriminator import ContextDiscriminator
+from pipeline import storage
+
+WIDTH = 0.125
+CONFIG = ModelConfig(
+    width=WIDTH, mean_pixel=(0.45, 0.42, 0.38), image_size=32, local_size=16, phase=3, step=17
+)
+
+
+class Wrapped(nn.Module):
+    """Stands in for DistributedDataParallel: the model under ``.module``, keys prefixed 'module.'."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def trained_models():
+    """A generator, discriminator and optimizers with real (non-initial) state after two steps."""
+    torch.manual_seed(0)
+    generator = CompletionNetwork(WIDTH)
+    discriminator = ContextDiscriminator(32, 16, WIDTH)
+    g_opt = torch.optim.Adam(generator.parameters(), lr=1e-3)
+    d_opt = torch.optim.Adadelta(discriminator.parameters())
+    for _ in range(2):
+        x = torch.rand(2, 4, 32, 32)
+        g_opt.zero_grad()
+        generator(x).mean().backward()
+        g_opt.step()
+        d_opt.zero_grad()
+        discriminator(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 16, 16)).mean().backward()
+        d_opt.step()
+    return generator, discriminator, {"generator": g_opt, "discriminator": d_opt}
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_round_trip_restores_weights_config_discriminator_and_optimizers(tmp_path):
+    generator, discriminator, optimizers = trained_models()
+    uri = str(tmp_path / "ckpt")
+    save_checkpoint(uri, CONFIG, Wrapped(generator), Wrapped(discriminator), optimizers)
+
+    loaded = load_checkpoint(uri)
+    assert loaded.config == CONFIG
+    assert not loaded.generator.training
+    assert_same_state(loaded.generator.state_dict(), generator.state_dict())
+    x = torch.rand(1, 4, 32, 32)
+    assert torch.equal(loaded.generator(x), generator.eval()(x))
+
+    fresh_d = loaded.restore_discriminator(ContextDiscriminator(32, 16, WIDTH))
+    assert_same_state(fresh_d.state_dict(), discriminator.state_dict())
+
+    # A resumed run continues exactly where the saved one stopped: same optimizer state.
+    for name, params in [
+        ("generator", loaded.generator.parameters()),
+        ("discriminator", fresh_d.parameters()),
+    ]:
+        fresh = type(optimizers[name])(params)
+        loaded.restore_optimizer(name, fresh)
+        saved, restored = optimizers[name].state_dict(), fresh.state_dict()
+        assert restored["param_groups"] == saved["param_groups"]
+        for pid, fields in saved["state"].items():
+            for field_name, value in fields.items():
+                assert torch.equal(restored["state"][pid][field_name], value), (name, pid, field_name)
+
+    with pytest.raises(CheckpointError, match="no optimizer 'critic'.*discriminator.*generator"):
+        loaded.restore_optimizer("critic", torch.optim.Adam(fresh_d.parameters()))
+
+    # Files a user would otherwise have to trust: no pickles anywhere, config.json is plain JSON.
+    names = sorted(os.listdir(uri))
+    assert names == [
+        "config.json",
+        "discriminator.safetensors",
+        "generator.safetensors",
+        "optimizer.safetensors",
+    ]
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model"]["width"] == WIDTH
+
+
+def test_checkpoint_id_is_stable_and_follows_the_weights(tmp_path):
+    generator, _, _ = trained_models()
+    save_checkpoint(str(tmp_path / "a"), CONFIG, generator)
+    save_checkpoint(str(tmp_path / "b"), CONFIG, generator)
+    _, config, id_a = load_generator(str(tmp_path / "a"))
+    _, _, id_b = load_generator(str(tmp_path / "b"))
+    assert config == CONFIG and id_a == id_b and len(id_a) == 16
+    with torch.no_grad():
+        generator.net[0].weight[0, 0, 0, 0] += 1
+    save_checkpoint(str(tmp_path / "a"), CONFIG, generator)
+    assert load_generator(str(tmp_path / "a"))[2] != id_a
+    assert load_checkpoint(str(tmp_path / "a")).discriminator_state is None
+
+
+def test_round_trip_through_s3(s3_prefix, s3_server):
+    generator, discriminator, optimizers = trained_models()
+    uri = f"{s3_prefix}/run/step-17"
+    save_checkpoint(uri, CONFIG, generator, discriminator, optimizers, endpoint_url=s3_server.endpoint_url)
+    fs, root = storage.filesystem(uri, s3_server.endpoint_url)
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(root, refresh=True)) == [
+        "config.json",
+        "discriminator.safetensors",
+        "generator.safetensors",
+        "optimizer.safetensors",
+    ]
+    loaded = load_checkpoint(uri, endpoint_url=s3_server.endpoint_url)
+    assert loaded.config == CONFIG
+    assert_same_state(loaded.generator.state_dict(), generator.state_dict())
+    assert_same_state(loaded.discriminator_state, discriminator.state_dict())
+    # The endpoint can also come from the environment (how Ray workers get it).
+    assert load_generator(uri)[2] == loaded.checkpoint_id
+
+
+@pytest.fixture
+def saved(tmp_path):
+    generator, discriminator, optimizers = trained_models()
+    uri = str(tmp_path / "ckpt")
+    save_checkpoint(uri, CONFIG, generator, discriminator, optimizers)
+    return uri
+
+
+def edit_config(uri: str, **model_fields):
+    path = os.path.join(uri, "config.json")
+    document = json.load(open(path))
+    document["model"].update(model_fields)
+    json.dump(document, open(path, "w"))
+
+
+def test_missing_config_means_incomplete_checkpoint(saved):
+    os.remove(os.path.join(saved, "config.json"))
+    with pytest.raises(CheckpointError, match=r"ckpt: no config.json.*incomplete"):
+        load_checkpoint(saved)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_generator(saved + "-does-not-exist")
+
+
+@pytest.mark.parametrize(
+    "name", ["generator.safetensors", "discriminator.safetensors", "optimizer.safetensors"]
+)
+def test_missing_weights_file(saved, name):
+    os.remove(os.path.join(saved, name))
+    with pytest.raises(CheckpointError, match=f"ckpt: {name} is missing"):
+        load_checkpoint(saved)
+
+
+def test_truncated_weights(saved):
+    path = os.path.join(saved, "generator.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(
+        CheckpointError, match=r"generator.safetensors is truncated.*\d+ bytes, config.json says \d+"
+    ):
+        load_generator(saved)
+
+
+def test_truncated_weights_without_recorded_sizes(saved):
+    # A checkpoint written by another tool may not record sizes: safetensors itself must then fail clearly.
+    path = os.path.join(saved, "config.json")
+    document = json.load(open(path))
+    document["files"] = {}
+    json.dump(document, open(path, "w"))
+    weights = os.path.join(saved, "generator.safetensors")
+    open(weights, "wb").write(open(weights, "rb").read()[:-100])
+    with pytest.raises(CheckpointError, match="generator.safetensors is not a readable safetensors file"):
+        load_generator(saved)
+
+
+def test_corrupt_weights_same_size(saved):
+    path = os.path.join(saved, "generator.safetensors")
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="generator.safetensors is corrupt"):
+        load_generator(saved)
+
+
+def test_wrong_width_names_the_mismatched_shapes(saved):
+    edit_config(saved, width=0.25)
+    with pytest.raises(
+        CheckpointError, match=r"does not match the CompletionNetwork.*shape mismatch.*net\.0\.weight"
+    ):
+        load_generator(saved)
+
+
+def test_wrong_architecture(saved):
+    edit_config(saved, architecture="pix2pix")
+    with pytest.raises(CheckpointError, match="architecture is 'pix2pix', expected 'glcic-completion'"):
+        load_generator(saved)
+
+
+def test_future_format_version_is_refused(saved):
+    edit_config(saved, format_version=2)
+    with pytest.raises(CheckpointError, match="unsupported format_version 2"):
+        load_generator(saved)
+
+
+def test_discriminator_of_another_size_is_refused(saved):
+    loaded = load_checkpoint(saved)
+    with pytest.raises(CheckpointError, match="does not match the ContextDiscriminator.*shape mismatch"):
+        loaded.restore_discriminator(ContextDiscriminator(128, 64, WIDTH))
+
+
+def test_unknown_future_fields_are_kept_and_missing_optional_fields_default(saved):
+    path = os.path.join(saved, "config.json")
+    document = json.load(open(path))
+    model = document["model"]
+    for name in ("phase", "step", "extra", "local_size"):
+        del model[name]
+    model["attention"] = "none"
+    json.dump(document, open(path, "w"))
+    config = load_generator(saved)[1]
+    assert (config.phase, config.step, config.local_size) == (1, 0, 128)
+    assert config.extra == {"attention": "none"}
+
+
+def test_garbage_config(saved):
+    open(os.path.join(saved, "config.json"), "w").write("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not a checkpoint config"):
+        load_generator(saved)
