@@ -1,44 +1,90 @@
-"""The networks of Iizuka et al. 2017, their hole masks, post-processing and checkpoints."""
+"""The networks of Iizuka et al. 2017, their hole masks, post-processing and checkpoints.
 
-from model.checkpoint import (
-    CheckpointError,
-    LoadedCheckpoint,
-    ModelConfig,
-    load_checkpoint,
-    load_generator,
-    save_checkpoint,
-)
-from model.completion import COMPLETION_LAYERS, CompletionNetwork, composite, count_parameters, prepare_input
-from model.discriminator import ContextDiscriminator, GlobalDiscriminator, LocalDiscriminator, crop_patches
-from model.masks import (
-    MASK_GENERATORS,
-    RectangleMask,
-    derive_seed,
-    freeform_mask,
-    generate_mask,
-    rectangle_mask,
-)
+The public names are re-exported lazily (PEP 562): ``from model.masks import generate_mask`` in a
+light Ray Data task must not import torch just because this package re-exports the networks.
+"""
 
-__all__ = [
-    "COMPLETION_LAYERS",
-    "MASK_GENERATORS",
-    "CheckpointError",
-    "CompletionNetwork",
-    "ContextDiscriminator",
-    "GlobalDiscriminator",
-    "LoadedCheckpoint",
-    "LocalDiscriminator",
-    "ModelConfig",
-    "RectangleMask",
-    "composite",
-    "count_parameters",
-    "crop_patches",
-    "derive_seed",
-    "freeform_mask",
-    "generate_mask",
-    "load_checkpoint",
-    "load_generator",
-    "prepare_input",
-    "rectangle_mask",
-    "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "model.checkpoint": (
+        "CheckpointError",
+        "LoadedCheckpoint",
+        "ModelConfig",
+        "load_checkpoint",
+        "load_generator",
+        "save_checkpoint",
+    ),
+    "model.completion": (
+        "COMPLETION_LAYERS",
+        "CompletionNetwork",
+        "composite",
+        "count_parameters",
+        "images_to_tensor",
+        "masks_to_tensor",
+        "prepare_input",
+        "tensor_to_images",
+    ),
+    "model.discriminator": (
+        "ContextDiscriminator",
+        "GlobalDiscriminator",
+        "LocalDiscriminator",
+        "crop_patches",
+    ),
+    "model.masks": (
+        "MASK_GENERATORS",
+        "RectangleMask",
+        "derive_seed",
+        "freeform_mask",
+        "generate_mask",
+        "rectangle_mask",
+    ),
+    "model.postprocess": ("blend",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(_MODULE_OF[name]), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from model.checkpoint import (  # noqa: F401
+        CheckpointError,
+        LoadedCheckpoint,
+        ModelConfig,
+        load_checkpoint,
+        load_generator,
+        save_checkpoint,
+    )
+    from model.completion import (  # noqa: F401
+        COMPLETION_LAYERS,
+        CompletionNetwork,
+        composite,
+        count_parameters,
+        images_to_tensor,
+        masks_to_tensor,
+        prepare_input,
+        tensor_to_images,
+    )
+    from model.discriminator import (  # noqa: F401
+        ContextDiscriminator,
+        GlobalDiscriminator,
+        LocalDiscriminator,
+        crop_patches,
+    )
+    from model.masks import (  # noqa: F401
+        MASK_GENERATORS,
+        RectangleMask,
+        derive_seed,
+        freeform_mask,
+        generate_mask,
+        rectangle_mask,
+    )
+    from model.postprocess import blend  # noqa: F401

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +78,8 @@ class CompletionNetwork(nn.Module):
         Any H and W: the input is reflect-padded to a multiple of 4 and the output cropped back,
         never resized. Known pixels are returned exactly as given.
         """
+        # One rule for what is a hole, shared by the input and the composite: any mask value > 0.
+        mask = (mask > 0).to(image.dtype)
         x = prepare_input(image, mask, mean_pixel)
         x, (h, w) = pad_to_multiple(x, SIZE_MULTIPLE)
         out = self(x)[..., :h, :w]
@@ -111,6 +114,33 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> tuple[tor
 
 def padded_size(height: int, width: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
     return (math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple)
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 or NxHxWx3 RGB -> float32 (N, 3, H, W) in [0, 1]."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 HxWx3 or NxHxWx3 images, got {images.dtype} {images.shape}")
+    batch = images[None] if images.ndim == 3 else images
+    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div(255)
+
+
+def masks_to_tensor(masks: np.ndarray) -> torch.Tensor:
+    """uint8 HxW or NxHxW masks (nonzero = hole) -> float32 (N, 1, H, W) in {0, 1}."""
+    masks = np.asarray(masks)
+    batch = masks[None] if masks.ndim == 2 else masks
+    return torch.from_numpy(np.ascontiguousarray(batch != 0)).unsqueeze(1).float()
+
+
+def tensor_to_images(images: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [0, 1] -> uint8 NxHxWx3.
+
+    Rounds, so ``tensor_to_images(images_to_tensor(x)) == x`` exactly: known pixels that went
+    through the network's composite come back bit for bit.
+    """
+    return (
+        images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
 
 
 def count_parameters(module: nn.Module) -> int:
