@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -129,12 +130,38 @@ def test_round_trip_through_s3(s3_prefix, s3_server):
     assert load_generator(uri)[2] == loaded.checkpoint_id
 
 
-@pytest.fixture
-def saved(tmp_path):
+def test_real_ddp_module_saves_bare_weights_through_a_file_uri(tmp_path):
+    # What a Ray Train worker holds: the generator inside DistributedDataParallel.
+    import torch.distributed as dist
+
+    from jobs.embedded import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        generator = CompletionNetwork(WIDTH)
+        ddp = nn.parallel.DistributedDataParallel(generator)
+        uri = f"file://{tmp_path}/ddp"
+        save_checkpoint(uri, CONFIG, ddp, optimizers={"generator": torch.optim.Adam(ddp.parameters())})
+    finally:
+        dist.destroy_process_group()
+    net, _, _ = load_generator(uri)
+    assert_same_state(net.state_dict(), generator.state_dict())
+    loaded = load_checkpoint(uri)
+    loaded.restore_optimizer("generator", torch.optim.Adam(loaded.generator.parameters()))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
     generator, discriminator, optimizers = trained_models()
-    uri = str(tmp_path / "ckpt")
+    uri = str(tmp_path_factory.mktemp("pristine") / "ckpt")
     save_checkpoint(uri, CONFIG, generator, discriminator, optimizers)
     return uri
+
+
+@pytest.fixture
+def saved(pristine, tmp_path):
+    """A fresh copy of a complete checkpoint for a test to damage."""
+    return shutil.copytree(pristine, tmp_path / "ckpt").as_posix()
 
 
 def edit_config(uri: str, **model_fields):
