@@ -219,10 +219,28 @@ class LoadedCheckpoint:
         return optimizer
 
 
+def _fetch(fs, root: str, name: str, uri: str) -> bytes:
+    """The bytes of ``name``; FileNotFoundError passes through, any other failure names the URI."""
+    path = storage.join_key(root, name)
+
+    def read() -> bytes:
+        try:
+            return storage.read_bytes(fs, path)
+        except NotADirectoryError as e:  # the URI is a file: no retry will help
+            raise CheckpointError(f"{uri}: cannot read {name}: {e}") from e
+
+    try:
+        return storage.with_retries(read)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{uri}: cannot read {name}: {e}") from e
+
+
 def _read(fs, root: str, name: str, uri: str, files: dict) -> bytes:
     """Read ``name`` and check it against the size and hash recorded in config.json."""
     try:
-        data = storage.with_retries(lambda: storage.read_bytes(fs, storage.join_key(root, name)))
+        data = _fetch(fs, root, name, uri)
     except FileNotFoundError:
         raise CheckpointError(f"{uri}: {name} is missing (config.json lists it)") from None
     expected = files.get(name)
@@ -269,8 +287,13 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], uri: str, na
 
 
 def _read_config(fs, root: str, uri: str) -> dict:
+    name = root.rstrip("/").rsplit("/", 1)[-1]
+    if name in (CONFIG_FILE, GENERATOR_FILE, DISCRIMINATOR_FILE, OPTIMIZER_FILE):
+        raise CheckpointError(
+            f"{uri} is a file inside a checkpoint: pass the checkpoint's directory / prefix"
+        )
     try:
-        raw = storage.with_retries(lambda: storage.read_bytes(fs, storage.join_key(root, CONFIG_FILE)))
+        raw = _fetch(fs, root, CONFIG_FILE, uri)
     except FileNotFoundError:
         raise CheckpointError(
             f"{uri}: no {CONFIG_FILE}: not a checkpoint, or an incomplete one ({CONFIG_FILE} is written last)"

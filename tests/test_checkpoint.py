@@ -179,6 +179,16 @@ def test_missing_config_means_incomplete_checkpoint(saved):
         load_generator(saved + "-does-not-exist")
 
 
+def test_a_file_inside_the_checkpoint_is_not_the_checkpoint(saved):
+    with pytest.raises(
+        CheckpointError, match="is a file inside a checkpoint: pass the checkpoint's directory"
+    ):
+        load_generator(os.path.join(saved, "generator.safetensors"))
+    open(os.path.join(saved, "notes.txt"), "w").write("hello")
+    with pytest.raises(CheckpointError, match="notes.txt: cannot read config.json"):
+        load_generator(os.path.join(saved, "notes.txt"))
+
+
 @pytest.mark.parametrize(
     "name", ["generator.safetensors", "discriminator.safetensors", "optimizer.safetensors"]
 )
