@@ -118,7 +118,11 @@ def _optimizer_payload(name: str, optimizer: torch.optim.Optimizer) -> tuple[dic
                 tensors[f"{name}/{param_id}/{field_name}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars.setdefault(str(param_id), {})[field_name] = value
-    payload = {"param_groups": state_dict["param_groups"], "scalars": scalars}
+    payload = {
+        "class": type(optimizer).__name__,
+        "param_groups": state_dict["param_groups"],
+        "scalars": scalars,
+    }
     try:
         json.dumps(payload)
     except TypeError as e:
@@ -196,6 +200,12 @@ class LoadedCheckpoint:
                 f"{self.uri}: no optimizer {name!r} (saved: {sorted(self.optimizer_json) or 'none'})"
             )
         saved = self.optimizer_json[name]
+        # torch would load Adam's state into an Adadelta without complaint and fail at its next step.
+        saved_class = saved.get("class")
+        if saved_class is not None and saved_class != type(optimizer).__name__:
+            raise CheckpointError(
+                f"{self.uri}: optimizer {name!r} was saved from {saved_class}, not {type(optimizer).__name__}"
+            )
         state: dict[int, dict[str, Any]] = {}
         prefix = f"{name}/"
         for key, tensor in self.optimizer_tensors.items():

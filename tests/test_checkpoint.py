@@ -85,6 +85,10 @@ def test_round_trip_restores_weights_config_discriminator_and_optimizers(tmp_pat
 
     with pytest.raises(CheckpointError, match="no optimizer 'critic'.*discriminator.*generator"):
         loaded.restore_optimizer("critic", torch.optim.Adam(fresh_d.parameters()))
+    with pytest.raises(CheckpointError, match="optimizer 'generator' was saved from Adam, not Adadelta"):
+        loaded.restore_optimizer("generator", torch.optim.Adadelta(loaded.generator.parameters()))
+    with pytest.raises(CheckpointError, match="optimizer 'generator' does not match"):
+        loaded.restore_optimizer("generator", torch.optim.Adam(list(loaded.generator.parameters())[:3]))
 
     # Files a user would otherwise have to trust: no pickles anywhere, config.json is plain JSON.
     names = sorted(os.listdir(uri))
