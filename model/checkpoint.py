@@ -139,6 +139,10 @@ def save_checkpoint(
     endpoint_url: str | None = None,
 ) -> str:
     """Write a checkpoint to the directory / prefix ``uri``; return ``uri``."""
+    try:  # before any file is written: a bad config must not cost the old checkpoint
+        json.dumps(config.to_dict())
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{uri}: the ModelConfig is not JSON-serialisable (check extra): {e}") from e
     fs, root = storage.filesystem(uri, endpoint_url)
     config_path = storage.join_key(root, CONFIG_FILE)
     try:

@@ -272,6 +272,15 @@ def test_unknown_future_fields_are_kept_and_missing_optional_fields_default(save
     assert config.extra == {"attention": "none"}
 
 
+def test_unserialisable_config_is_refused_before_anything_is_overwritten(saved):
+    before = {name: open(os.path.join(saved, name), "rb").read() for name in os.listdir(saved)}
+    bad = ModelConfig(width=WIDTH, mean_pixel=CONFIG.mean_pixel, extra={"started": object()})
+    with pytest.raises(CheckpointError, match="not JSON-serialisable"):
+        save_checkpoint(saved, bad, CompletionNetwork(WIDTH))
+    assert {name: open(os.path.join(saved, name), "rb").read() for name in os.listdir(saved)} == before
+    assert load_checkpoint(saved).config == CONFIG
+
+
 def test_garbage_config(saved):
     open(os.path.join(saved, "config.json"), "w").write("{not json")
     with pytest.raises(CheckpointError, match="config.json is not a checkpoint config"):
