@@ -150,3 +150,101 @@ class LocalS3Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _session_members(session_id: int) -> list[int]:
+    """Every live process of one session: a Ray head's daemons and the workers they forked."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # the command name (field 2) may hold spaces; fields after its ')' are fixed
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session_id and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+class LocalRayHead:
+    """A local Ray head (``ray start --head``) with its dashboard and Jobs API on 127.0.0.1.
+
+    Every port is a free one, so it runs beside other Ray instances on the same machine, and
+    ``stop()`` ends exactly the processes it started (those of its own session) rather than
+    ``ray stop``, which would end every Ray of this user. Jobs submitted to it inherit ``env``:
+    that is how they get storage credentials without them ever travelling in a runtime_env.
+    """
+
+    def __init__(self, num_cpus: int = 2, num_gpus: int = 0, env: dict[str, str] | None = None):
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.extra_env = dict(env or {})
+        self.temp_dir = tempfile.mkdtemp(prefix="glcic-ray-")  # short: Ray's socket paths are limited
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self._session: int | None = None
+
+    def start(self, timeout: float = 120) -> LocalRayHead:
+        import sys
+
+        env = {**os.environ, **self.extra_env}
+        # The job driver runs `python -m jobs.X`: make that this interpreter, whose packages it needs.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        ray = str(Path(sys.executable).with_name("ray"))
+        args = [
+            ray, "start", "--head", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}", f"--num-gpus={self.num_gpus}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={self.temp_dir}",
+        ]  # fmt: skip
+        log_path = os.path.join(self.temp_dir, "ray-start.log")
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._session = proc.pid
+        try:
+            if proc.wait(timeout=timeout) != 0:
+                raise RuntimeError(f"ray start failed with {proc.returncode}; see {log_path}")
+            self._wait_ready(time.monotonic() + timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.address}/api/gcs_healthz", timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return  # the dashboard answers (an auth error is an answer)
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"the Ray dashboard did not come up at {self.address}")
+
+    def stop(self, grace: float = 3) -> None:
+        if self._session is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _session_members(self._session):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while _session_members(self._session) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        self._session = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRayHead:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,658 @@
+"""The ``glcic`` command line: submit the jobs of ``jobs/`` as Ray Jobs and follow them.
+
+``glcic submit-train`` and ``glcic submit-inpaint`` take one flag per field of the job's config
+dataclass (``TrainConfig``, ``InpaintConfig``: the same dataclass the job parses), check from
+here what can be checked (storage protocols, input prefixes, the checkpoint), and submit
+``python -m jobs.X <flags>`` through ``JobSubmissionClient`` with this project as the
+runtime_env ``working_dir``. ``--local`` instead runs the job's ``run(config)`` on a Ray started
+in this process. ``status``, ``logs``, ``stop`` and ``list`` wrap the rest of the Jobs API.
+
+Every failure a user can cause (a bad URI, an unreachable cluster, a missing checkpoint, no
+credentials, a failed job) ends as one ``error: ...`` line and a non-zero exit, not a traceback;
+``GLCIC_DEBUG=1`` shows the traceback as well.
+
+Credentials never travel with a job: s3fs reads the usual AWS variables and profiles wherever
+it runs, so the cluster's nodes (or a local head's environment) supply their own. Only the S3
+endpoint, which is not a secret, is passed on in the runtime_env.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import importlib
+import inspect
+import logging
+import os
+import posixpath
+import shlex
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from typer.core import TyperGroup
+
+try:  # recent typer vendors its own click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+
+from jobs import config as job_config
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Never shipped to the cluster: environments, data, outputs, caches (gitignore-style patterns).
+WORKING_DIR_EXCLUDES = [
+    "/.venv/", "/data/", "/demo_out/", "/bench_out/", "/.git/", "/.whl/", "/.gl/", "/shared/",
+    "__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/", "*.pyc",
+]  # fmt: skip
+
+TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+EXIT_USAGE = 2  # the user's input is wrong (click's own code for usage errors)
+EXIT_FAILED = 1  # the cluster, the storage or the job failed
+
+
+class CliError(Exception):
+    """A failure to report as one line; ``exit_code`` 2 for bad input, 1 for everything else."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _debug() -> bool:
+    return os.environ.get("GLCIC_DEBUG", "") not in ("", "0")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class OneLineErrors(TyperGroup):
+    """Report usage errors and unexpected exceptions as one ``error: ...`` line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(
+                args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
+            )
+        except ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `glcic` alone: the help, not an error
+                e.show()
+                return sys.exit(0) if standalone_mode else 0
+            typer.echo(f"error: {_one_line(e.format_message())} (see --help)", err=True)
+            code = e.exit_code
+        except CliError as e:
+            typer.echo(f"error: {_one_line(e)}", err=True)
+            code = e.exit_code
+        except (typer.Abort, KeyboardInterrupt):
+            typer.echo("error: interrupted", err=True)
+            code = 130
+        except Exception as e:
+            if _debug():
+                raise
+            typer.echo(
+                f"error: {type(e).__name__}: {_one_line(e)} (GLCIC_DEBUG=1 shows the traceback)", err=True
+            )
+            code = EXIT_FAILED
+        if standalone_mode:
+            sys.exit(code or 0)
+        return code
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    help="Globally and Locally Consistent Image Completion on Ray: submit and follow training and inpainting jobs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The jobs the CLI submits.
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """One submittable job: its module (``python -m``), its config dataclass and what to check."""
+
+    name: str
+    module: str
+    config_class: str
+    summary: str
+    example: str
+    inputs: tuple[str, ...] = ()  # prefixes that must exist and hold objects
+    checkpoints: tuple[str, ...] = ()  # checkpoint URIs whose config.json must exist
+
+    def load_config_class(self) -> type:
+        return getattr(importlib.import_module(self.module), self.config_class)
+
+
+TRAIN = JobSpec(
+    name="train",
+    module="jobs.train",
+    config_class="TrainConfig",
+    summary="Train the completion network and its discriminators (the paper's three phases) with Ray Train.",
+    example=(
+        "glcic submit-train --address http://127.0.0.1:8265 --images s3://photos/train "
+        "--output s3://models/glcic --storage-path s3://models/ray --wait"
+    ),
+    inputs=("images",),
+)
+
+INPAINT = JobSpec(
+    name="inpaint",
+    module="jobs.inpaint",
+    config_class="InpaintConfig",
+    summary="Complete every masked image under a prefix with Ray Data actors and write a Parquet manifest.",
+    example=(
+        "glcic submit-inpaint --address http://127.0.0.1:8265 --images s3://photos/in "
+        "--masks s3://photos/masks --output s3://photos/out --checkpoint s3://models/glcic/final --wait"
+    ),
+    inputs=("images", "masks"),
+    checkpoints=("checkpoint",),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags from a config dataclass.
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """``int | None`` -> ``(int, True)``; anything else -> ``(tp, False)``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return tp, False
+
+
+def _field_option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any, Callable[[Any], Any]]:
+    """Typer annotation, default and converter (flag value -> field value) for one field."""
+    tp, _ = _base_type(hint)
+    help_text = f.metadata.get("help", "")
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    default = inspect.Parameter.empty if required else (
+        f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    )  # fmt: skip
+    keep = lambda value: value  # noqa: E731
+    if typing.get_origin(tp) is Literal:
+        return Annotated[tp, typer.Option(help=help_text)], default, keep
+    if typing.get_origin(tp) in (tuple, list):
+        elem = typing.get_args(tp)[0]
+        container = typing.get_origin(tp)
+
+        def split(value: Any) -> Any:
+            if value is None or not isinstance(value, str):
+                return value
+            try:
+                return container(elem(v) for v in value.replace(",", " ").split())
+            except ValueError as e:
+                raise CliError(f"--{f.name.replace('_', '-')}: {e}", EXIT_USAGE) from e
+
+        if default is not inspect.Parameter.empty and default is not None:
+            default = ",".join(str(v) for v in default)
+        option = typer.Option(help=f"{help_text} (comma-separated)", metavar="A,B,...")
+        return Annotated[str | None, option], default, split
+    if tp is bool:
+        return Annotated[bool, typer.Option(help=help_text)], default, keep
+    if tp in (int, float, str):
+        return Annotated[tp | None, typer.Option(help=help_text)], default, keep
+    raise TypeError(f"{f.name}: the CLI cannot turn a {tp!r} field into a flag")
+
+
+# Options every submit command has; a config field of the same name takes precedence.
+def _common_options() -> list[inspect.Parameter]:
+    def opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+    return [
+        opt("address", Annotated[str | None, typer.Option(
+            envvar="RAY_ADDRESS", help="Ray dashboard address of the cluster, e.g. http://127.0.0.1:8265 "
+            "(through `ray dashboard ray_cluster.yaml` for the AWS cluster).", rich_help_panel="Ray")], None),
+        opt("local", Annotated[bool, typer.Option(
+            "--local", help="Run the job here, on a Ray started in this process, instead of submitting it.",
+            rich_help_panel="Ray")], False),
+        opt("wait", Annotated[bool, typer.Option(
+            "--wait", help="Follow the job's logs until it ends; exit non-zero unless it succeeded.",
+            rich_help_panel="Ray")], False),
+        opt("job_id", Annotated[str | None, typer.Option(
+            help="Submission id to give the job (default: one Ray makes up).", rich_help_panel="Ray")], None),
+        opt("entrypoint_num_cpus", Annotated[float, typer.Option(
+            help="CPUs reserved for the job's driver process on the cluster.", rich_help_panel="Ray")], 0.0),
+        opt("working_dir", Annotated[str | None, typer.Option(
+            help="Project directory shipped as the job's runtime_env working_dir (default: this "
+            "checkout; 'none' ships nothing when the cluster has glcic installed).",
+            rich_help_panel="Ray")], None),
+        opt("endpoint_url", Annotated[str | None, typer.Option(
+            envvar="GLCIC_S3_ENDPOINT_URL", help="S3-compatible endpoint for s3:// URIs (SeaweedFS, "
+            "MinIO, ...); passed on to the job. Credentials come from the usual AWS variables and "
+            "profiles and are never passed on.", rich_help_panel="Storage")], None),
+        opt("preflight", Annotated[bool, typer.Option(
+            help="Check URIs, input prefixes and the checkpoint from here before submitting.",
+            rich_help_panel="Storage")], True),
+    ]  # fmt: skip
+
+
+def _submit_command(spec: JobSpec) -> Callable[..., None]:
+    cls = spec.load_config_class()
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    field_names = {f.name for f in fields}
+    common = [p for p in _common_options() if p.name not in field_names]
+    converters: dict[str, Callable[[Any], Any]] = {}
+    params: list[inspect.Parameter] = []
+    for f in fields:
+        annotation, default, convert = _field_option(f, hints[f.name])
+        converters[f.name] = convert
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+        )
+    params += common
+
+    def command(**values: Any) -> None:
+        from pipeline.storage import endpoint_url_from_env
+
+        options = {p.name: values.pop(p.name) for p in common}
+        endpoint_url = values.get("endpoint_url") or options.get("endpoint_url") or endpoint_url_from_env()
+        try:
+            config = cls(**{name: converters[name](value) for name, value in values.items()})
+            validate = getattr(importlib.import_module(spec.module), "validate", None)
+            if validate is not None:
+                validate(config)
+        except (TypeError, ValueError) as e:
+            raise CliError(f"invalid {spec.config_class}: {_one_line(e)}", EXIT_USAGE) from e
+        submit_or_run(
+            spec,
+            config,
+            endpoint_url=endpoint_url,
+            **{k: v for k, v in options.items() if k != "endpoint_url"},
+        )
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = f"{spec.summary}\n\nExample:\n\n  {spec.example}"
+    return command
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks from the client, before anything is submitted.
+
+
+def _quick_filesystem(uri: str, endpoint_url: str | None):
+    """The job's filesystem for ``uri``, but failing fast: a preflight must not retry for minutes."""
+    import fsspec
+
+    from pipeline.storage import storage_options_for
+
+    options = storage_options_for(uri, endpoint_url)
+    if "config_kwargs" in options:
+        options["config_kwargs"] = {
+            "retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 15,
+        }  # fmt: skip
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    return fs, path.rstrip("/") or path
+
+
+def check_protocol(flag: str, uri: str) -> None:
+    import fsspec
+
+    from pipeline.storage import protocol_of
+
+    protocol = protocol_of(uri)
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError as e:
+        raise CliError(f"{flag} {uri!r}: unknown storage protocol {protocol!r}", EXIT_USAGE) from e
+    except ImportError as e:
+        raise CliError(
+            f"{flag} {uri!r}: {protocol}:// needs a package that is not installed ({_one_line(e)})"
+        ) from e
+
+
+def _storage_error(flag: str, uri: str, e: Exception) -> CliError:
+    text = _one_line(e)
+    name = type(e).__name__
+    if "NoCredentials" in name or "Unable to locate credentials" in text:
+        return CliError(
+            f"{flag} {uri!r}: no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE; "
+            "--no-preflight skips this check when only the cluster has credentials)"
+        )
+    if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return CliError(f"{flag} {uri!r}: access denied ({text})")
+    return CliError(f"{flag} {uri!r}: storage unreachable ({name}: {text})")
+
+
+def check_input(flag: str, uri: str, endpoint_url: str | None) -> None:
+    """An input is a prefix holding objects, or a single object (a list file)."""
+    fs, path = _quick_filesystem(uri, endpoint_url)
+    try:
+        found = fs.isfile(path) or (fs.isdir(path) and bool(fs.find(path, withdirs=False)))
+    except (FileNotFoundError, NotADirectoryError):
+        found = False
+    except Exception as e:
+        raise _storage_error(flag, uri, e) from e
+    if not found:
+        raise CliError(f"{flag} {uri!r}: no such prefix, or it holds no objects", EXIT_USAGE)
+
+
+def check_checkpoint(flag: str, uri: str, endpoint_url: str | None) -> None:
+    fs, path = _quick_filesystem(uri, endpoint_url)
+    marker = posixpath.join(path, "config.json")
+    try:
+        found = fs.exists(marker)
+    except Exception as e:
+        raise _storage_error(flag, uri, e) from e
+    if not found:
+        raise CliError(
+            f"{flag} {uri!r}: no checkpoint there ({marker.rsplit('/', 1)[-1]} missing)", EXIT_USAGE
+        )
+
+
+def check_before_submit(spec: JobSpec, config: Any, endpoint_url: str | None, *, reach_storage: bool) -> None:
+    """Refuse what the job would only refuse minutes later: bad protocols, empty inputs, no checkpoint."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, str) and "://" in value:
+            check_protocol(f"--{f.name.replace('_', '-')}", value)
+    if not reach_storage:
+        return
+    for name in spec.inputs:
+        if getattr(config, name, None):
+            check_input(f"--{name.replace('_', '-')}", getattr(config, name), endpoint_url)
+    for name in spec.checkpoints:
+        if getattr(config, name, None):
+            check_checkpoint(f"--{name.replace('_', '-')}", getattr(config, name), endpoint_url)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Jobs API.
+
+
+def ray_auth_headers() -> dict[str, str]:
+    """The bearer token of a token-authenticated cluster, found where Ray itself looks for it.
+
+    A Ray head enables token authentication when a token exists (``ray get-auth-token
+    --generate`` writes ~/.ray/auth_token); its dashboard then refuses requests without it.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            return {}
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def job_client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    if not _debug():  # Ray's client logs every file it packages; the user wants the job's own output
+        logging.getLogger("ray").setLevel(logging.ERROR)
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise CliError(
+            "no Ray cluster: pass --address http://HEAD:8265 or set RAY_ADDRESS (or use --local)", EXIT_USAGE
+        )
+    try:
+        return JobSubmissionClient(address, headers=ray_auth_headers())
+    except Exception as e:  # ConnectionError, ValueError for a malformed address, ...
+        raise CliError(f"cannot reach the Ray cluster at {address}: {_one_line(e)}") from e
+
+
+def _jobs_api(call: Callable[[], Any], job_id: str, address: str) -> Any:
+    try:
+        return call()
+    except RuntimeError as e:
+        if "does not exist" in str(e) or "404" in str(e):
+            raise CliError(f"no job {job_id!r} on {address}") from e
+        raise CliError(f"Ray Jobs API at {address}: {_one_line(e)}") from e
+    except OSError as e:  # requests' ConnectionError is an OSError
+        raise CliError(f"cannot reach the Ray cluster at {address}: {_one_line(e)}") from e
+
+
+def dashboard_job_url(address: str, job_id: str) -> str:
+    return f"{address.rstrip('/')}/#/jobs/{job_id}"
+
+
+def runtime_env_for(working_dir: str | None, endpoint_url: str | None) -> dict[str, Any]:
+    """The project as working_dir and the S3 endpoint; never credentials."""
+    runtime_env: dict[str, Any] = {}
+    if working_dir is None and (PROJECT_ROOT / "pyproject.toml").exists():
+        working_dir = str(PROJECT_ROOT)
+    if working_dir and working_dir.lower() != "none":
+        runtime_env["working_dir"] = working_dir
+        runtime_env["excludes"] = list(WORKING_DIR_EXCLUDES)
+    if endpoint_url:
+        runtime_env["env_vars"] = {"GLCIC_S3_ENDPOINT_URL": endpoint_url}
+    return runtime_env
+
+
+def entrypoint_for(spec: JobSpec, config: Any) -> str:
+    return shlex.join(["python", "-m", spec.module, *job_config.to_argv(config)])
+
+
+def submit_or_run(
+    spec: JobSpec,
+    config: Any,
+    *,
+    address: str | None,
+    local: bool,
+    wait: bool,
+    job_id: str | None,
+    entrypoint_num_cpus: float,
+    working_dir: str | None,
+    endpoint_url: str | None,
+    preflight: bool,
+) -> None:
+    job_config.print_config(config, log=typer.echo)
+    check_before_submit(spec, config, endpoint_url, reach_storage=preflight)
+    if local:
+        run_local(spec, config, endpoint_url)
+        return
+    client = job_client(address)
+    address = client.get_address()
+    submission_id = _jobs_api(
+        lambda: client.submit_job(
+            entrypoint=entrypoint_for(spec, config),
+            submission_id=job_id,
+            runtime_env=runtime_env_for(working_dir, endpoint_url),
+            metadata={"glcic_job": spec.name},
+            entrypoint_num_cpus=entrypoint_num_cpus,
+        ),
+        job_id or "",
+        address,
+    )
+    typer.echo(f"submitted {spec.name} job {submission_id} to {address}")
+    typer.echo(f"  dashboard: {dashboard_job_url(address, submission_id)}")
+    if not wait:
+        typer.echo(f"  follow:    glcic logs {submission_id} --follow --address {address}")
+        return
+    status = follow(client, address, submission_id)
+    if status != "SUCCEEDED":
+        raise CliError(f"job {submission_id} {status}")
+
+
+def run_local(spec: JobSpec, config: Any, endpoint_url: str | None) -> None:
+    """The same job, on a Ray started in this process (a laptop: no cluster, no dashboard needed)."""
+    import ray
+
+    if endpoint_url:
+        os.environ["GLCIC_S3_ENDPOINT_URL"] = endpoint_url  # Ray's workers inherit it
+    module = importlib.import_module(spec.module)
+    # address="local": a fresh Ray even when RAY_ADDRESS names a cluster or a head runs here.
+    context = ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    typer.echo(f"running {spec.name} on a local Ray ({context.address_info['address']})")
+    try:
+        result = module.run(config)
+    except Exception as e:
+        if _debug():
+            raise
+        raise CliError(f"{spec.name} job failed: {type(e).__name__}: {_one_line(e)}") from e
+    finally:
+        ray.shutdown()
+    typer.echo(f"{spec.name} job finished: {result}")
+
+
+def follow(client, address: str, job_id: str) -> str:
+    """Print the job's logs as they come until it ends; return its final status."""
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    try:
+        _jobs_api(lambda: asyncio.run(tail()), job_id, address)
+        # The log stream closes when the driver exits; the status follows a moment later.
+        while (
+            status := str(_jobs_api(lambda: client.get_job_status(job_id), job_id, address).value)
+        ) not in (TERMINAL_STATUSES):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"\nstopped following; the job keeps running (glcic stop {job_id} --address {address})", err=True
+        )
+        raise typer.Exit(130) from None
+    typer.echo(f"job {job_id} {status}")
+    return status
+
+
+app.command("submit-train")(_submit_command(TRAIN))
+app.command("submit-inpaint")(_submit_command(INPAINT))
+
+
+# ---------------------------------------------------------------------------------------------
+# status, logs, stop, list.
+
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="RAY_ADDRESS", help="Ray dashboard address of the cluster, e.g. http://127.0.0.1:8265."
+    ),
+]
+JobArgument = Annotated[
+    str, typer.Argument(help="The job's submission id (raysubmit_...).", show_default=False)
+]
+
+
+def _time(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(start_ms: int | None, end_ms: int | None) -> str:
+    if not start_ms:
+        return "-"
+    seconds = int(((end_ms or time.time() * 1000) - start_ms) / 1000)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=False)]
+    lines = [
+        "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@app.command(epilog="Example: glcic status raysubmit_XYZ --address http://127.0.0.1:8265")
+def status(job_id: JobArgument, address: AddressOption = None) -> None:
+    """Show a job's status, times, entrypoint and Ray's message about it."""
+    client = job_client(address)
+    info = _jobs_api(lambda: client.get_job_info(job_id), job_id, client.get_address())
+    rows = [
+        ("submission id", info.submission_id or "-"),
+        ("status", str(info.status.value)),
+        ("job", (info.metadata or {}).get("glcic_job", "-")),
+        ("started", _time(info.start_time)),
+        ("ended", _time(info.end_time)),
+        ("duration", _duration(info.start_time, info.end_time)),
+        ("entrypoint", info.entrypoint),
+        ("message", _one_line(info.message or "-")),
+        ("dashboard", dashboard_job_url(client.get_address(), job_id)),
+    ]
+    typer.echo(format_table(("field", "value"), rows))
+
+
+@app.command(epilog="Example: glcic logs raysubmit_XYZ --follow --address http://127.0.0.1:8265")
+def logs(
+    job_id: JobArgument,
+    address: AddressOption = None,
+    follow_logs: Annotated[
+        bool,
+        typer.Option(
+            "--follow", "-f", help="Keep printing until the job ends; exit non-zero unless it succeeded."
+        ),
+    ] = False,
+) -> None:
+    """Print a job's logs (its driver's stdout and stderr)."""
+    client = job_client(address)
+    address = client.get_address()
+    if follow_logs:
+        final = follow(client, address, job_id)
+        if final != "SUCCEEDED":
+            raise CliError(f"job {job_id} {final}")
+        return
+    typer.echo(_jobs_api(lambda: client.get_job_logs(job_id), job_id, address), nl=False)
+
+
+@app.command(epilog="Example: glcic stop raysubmit_XYZ --address http://127.0.0.1:8265")
+def stop(
+    job_id: JobArgument,
+    address: AddressOption = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the job has stopped.")] = False,
+) -> None:
+    """Stop a running job (Ray sends SIGTERM to its driver, then SIGKILL)."""
+    client = job_client(address)
+    address = client.get_address()
+    stopping = _jobs_api(lambda: client.stop_job(job_id), job_id, address)
+    if not stopping:
+        final = _jobs_api(lambda: client.get_job_status(job_id), job_id, address)
+        typer.echo(f"job {job_id} had already ended: {final.value}")
+        return
+    typer.echo(f"stopping job {job_id}")
+    while wait:
+        current = str(_jobs_api(lambda: client.get_job_status(job_id), job_id, address).value)
+        if current in TERMINAL_STATUSES:
+            typer.echo(f"job {job_id} {current}")
+            break
+        time.sleep(0.5)
+
+
+@app.command("list", epilog="Example: glcic list --address http://127.0.0.1:8265")
+def list_jobs(address: AddressOption = None) -> None:
+    """List the jobs submitted to the cluster, oldest first."""
+    client = job_client(address)
+    jobs = _jobs_api(client.list_jobs, "", client.get_address())
+    jobs = sorted(jobs, key=lambda j: j.start_time or 0)
+    rows = []
+    for j in jobs:
+        entrypoint = j.entrypoint if len(j.entrypoint) <= 70 else j.entrypoint[:67] + "..."
+        rows.append((
+            j.submission_id or j.job_id or "-", str(j.status.value), (j.metadata or {}).get("glcic_job", "-"),
+            _time(j.start_time), _duration(j.start_time, j.end_time), entrypoint,
+        ))  # fmt: skip
+    if not rows:
+        typer.echo(f"no jobs on {client.get_address()}")
+        return
+    typer.echo(format_table(("SUBMISSION ID", "STATUS", "JOB", "STARTED", "DURATION", "ENTRYPOINT"), rows))
+
+
+if __name__ == "__main__":
+    app()

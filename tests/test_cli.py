@@ -1,0 +1,251 @@
+"""The glcic CLI against a real local Ray head (`ray start --head`, stopped after) and a real S3 server.
+
+Commands run as a user runs them: the console script in a subprocess, its exit code and its
+stderr checked. One head serves the whole module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+GLCIC = [sys.executable, "-m", "jobs.cli"]
+# A secret only the CLI's environment holds: it must reach neither the job nor its logs.
+CLIENT_SECRET = "client-only-secret-6f1d2c"
+
+
+def glcic(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "AWS_SECRET_ACCESS_KEY": CLIENT_SECRET, **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [*GLCIC, *args], env=full_env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def head(s3_server):
+    """A Ray head with dashboard on free 127.0.0.1 ports; jobs inherit the S3 credentials from it."""
+    from jobs.embedded import LocalRayHead
+
+    with LocalRayHead(num_cpus=2, env=s3_server.env()) as ray_head:
+        yield ray_head
+
+
+@pytest.fixture(scope="module")
+def inputs(s3_server, photo_paths):
+    """Two small photographs and an untrained tiny checkpoint, as a user's bucket would hold them."""
+    import torch
+
+    from model.checkpoint import ModelConfig, save_checkpoint
+    from model.completion import CompletionNetwork
+
+    fs = s3_server.filesystem()
+    root = "s3://test/cli"
+    for path in photo_paths[:2]:
+        buffer = io.BytesIO()
+        Image.open(path).convert("RGB").resize((64, 40)).save(buffer, format="JPEG")
+        fs.pipe_file(f"{root}/photos/{path.name}", buffer.getvalue())
+    torch.manual_seed(0)
+    config = ModelConfig(width=0.125, mean_pixel=(0.5, 0.5, 0.5), image_size=64, local_size=32)
+    save_checkpoint(
+        f"{root}/model", config, CompletionNetwork(width=0.125), endpoint_url=s3_server.endpoint_url
+    )
+    return root
+
+
+def inpaint_flags(root: str, out: str) -> list[str]:
+    return ["--images", f"{root}/photos", "--output", out, "--checkpoint", f"{root}/model",
+            "--num-actors", "1", "--num-cpus-per-actor", "0.5", "--num-cpus-per-task", "0.25",
+            "--batch-size", "2", "--log-every-s", "1"]  # fmt: skip
+
+
+def test_every_flag_has_help_and_every_command_an_example():
+    from typer.main import get_command
+
+    from jobs.cli import app
+    from jobs.inpaint import InpaintConfig
+    from jobs.train import TrainConfig
+
+    group = get_command(app)
+    assert {"submit-train", "submit-inpaint", "status", "logs", "stop", "list"} <= set(group.commands)
+    for name, command in group.commands.items():
+        assert "Example" in (command.help or "") + (command.epilog or ""), name
+        for param in command.params:
+            if param.name != "help":
+                assert getattr(param, "help", None) or param.param_type_name == "argument", (name, param.name)
+    for name, cls in (("submit-train", TrainConfig), ("submit-inpaint", InpaintConfig)):
+        flags = {opt for p in group.commands[name].params for opt in p.opts}
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name.replace('_', '-')}" in flags, (name, f.name)
+
+
+@pytest.mark.parametrize(
+    "args, exit_code, words",
+    [
+        (
+            ["submit-inpaint", "--images", "notaproto://x", "--output", "/tmp/o", "--checkpoint", "/tmp/c"],
+            2,
+            ["notaproto"],
+        ),
+        (["submit-inpaint", "--images", "s3://test/x", "--output", "s3://test/o"], 2, ["--checkpoint"]),
+        (
+            [
+                "submit-train",
+                "--images",
+                "s3://test/x",
+                "--output",
+                "s3://test/m",
+                "--tc",
+                "10",
+                "--t-train",
+                "5",
+            ],
+            2,
+            ["t_train"],
+        ),
+        (
+            ["submit-train", "--images", "s3://test/x", "--output", "s3://test/m", "--no-such-flag"],
+            2,
+            ["--no-such-flag"],
+        ),
+        (["status", "raysubmit_x", "--address", "http://127.0.0.1:1"], 1, ["cannot reach", "127.0.0.1:1"]),
+        (["list"], 2, ["--address", "RAY_ADDRESS"]),
+    ],
+    ids=["bad-protocol", "missing-flag", "bad-schedule", "unknown-flag", "unreachable-cluster", "no-address"],
+)
+def test_bad_arguments_give_one_clear_line(args, exit_code, words):
+    result = glcic(*args, timeout=60)
+    line = one_error_line(result)
+    assert result.returncode == exit_code, result.stderr
+    for word in words:
+        assert word in line
+
+
+def test_unreachable_cluster_on_submit_is_one_line(inputs):
+    result = glcic(
+        "submit-inpaint", *inpaint_flags(inputs, "s3://test/cli/unused"), "--address", "http://127.0.0.1:1"
+    )
+    assert result.returncode == 1
+    assert "cannot reach the Ray cluster at http://127.0.0.1:1" in one_error_line(result)
+
+
+def test_missing_inputs_and_checkpoint_are_refused_before_submitting(head, inputs):
+    missing_ckpt = glcic("submit-inpaint", *inpaint_flags(inputs, "s3://test/cli/o1"), "--checkpoint",
+                         "s3://test/cli/no-model", "--address", head.address)  # fmt: skip
+    assert missing_ckpt.returncode == 2
+    assert "no checkpoint" in one_error_line(missing_ckpt)
+    empty_images = glcic("submit-inpaint", *inpaint_flags(inputs, "s3://test/cli/o2"), "--images",
+                         "s3://test/cli/nothing-here", "--address", head.address)  # fmt: skip
+    assert empty_images.returncode == 2
+    assert "nothing-here" in one_error_line(empty_images)
+    assert "submitted" not in missing_ckpt.stdout + empty_images.stdout
+
+
+def test_no_credentials_is_one_line(s3_server, inputs, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(HOME=str(tmp_path), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
+    result = subprocess.run([*GLCIC, "submit-inpaint", *inpaint_flags(inputs, "s3://test/cli/o3"), "--address",
+                             "http://127.0.0.1:1"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert "no AWS credentials" in one_error_line(result)
+
+
+def test_submit_wait_status_logs_list(head, inputs, s3_server):
+    from pipeline.manifest import read_manifest
+
+    out = "s3://test/cli/completed"
+    result = glcic("submit-inpaint", *inpaint_flags(inputs, out), "--job-id", "cli-inpaint", "--address",
+                   head.address, "--wait")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "submitted inpaint job cli-inpaint" in result.stdout
+    assert f"{head.address}/#/jobs/cli-inpaint" in result.stdout
+    assert "InpaintConfig:" in result.stdout  # the typed config, printed before submitting
+    assert "job cli-inpaint SUCCEEDED" in result.stdout
+
+    fs = s3_server.filesystem()
+    table = read_manifest(f"{out}/_manifest", endpoint_url=s3_server.endpoint_url)
+    assert sorted(table.column("status").to_pylist()) == ["ok", "ok"]
+    for key in table.column("output_key").to_pylist():
+        assert fs.exists(f"{out}/{key}")
+    run_id = table.column("run_id")[0].as_py()
+    saved = json.loads(fs.cat_file(f"{out}/_manifest/run_id={run_id}/_config.json"))
+    assert saved["checkpoint"] == f"{inputs}/model"  # the config, saved beside the outputs
+
+    status = glcic("status", "cli-inpaint", "--address", head.address)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "inpaint" in status.stdout
+    logs = glcic("logs", "cli-inpaint", "--address", head.address)
+    assert logs.returncode == 0 and "InpaintConfig" in logs.stdout and "2 images" in logs.stdout
+    listing = glcic("list", "--address", head.address)
+    assert listing.returncode == 0
+    assert any(
+        line.startswith("cli-inpaint ") and "SUCCEEDED" in line for line in listing.stdout.splitlines()
+    )
+
+    # The client's secret stays with the client: not in the job's runtime_env, entrypoint or logs.
+    from ray.job_submission import JobSubmissionClient
+
+    from jobs.cli import ray_auth_headers
+
+    info = JobSubmissionClient(head.address, headers=ray_auth_headers()).get_job_info("cli-inpaint")
+    shipped = json.dumps(info.runtime_env) + info.entrypoint
+    assert "GLCIC_S3_ENDPOINT_URL" in shipped
+    assert CLIENT_SECRET not in shipped + logs.stdout and "AWS_SECRET_ACCESS_KEY" not in shipped
+
+
+def test_a_failing_job_exits_non_zero(head, inputs):
+    # --no-preflight lets the missing checkpoint through to the job, which must fail.
+    result = glcic("submit-inpaint", *inpaint_flags(inputs, "s3://test/cli/o4"), "--checkpoint",
+                   "s3://test/cli/no-model", "--no-preflight", "--job-id", "cli-fails", "--address",
+                   head.address, "--wait")  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: job cli-fails FAILED"
+    assert "no complete checkpoint" in result.stdout  # the job's own error, followed in its logs
+    follow = glcic("logs", "cli-fails", "--follow", "--address", head.address)
+    assert follow.returncode == 1 and "FAILED" in follow.stderr
+
+
+def test_stop_a_running_job(head, s3_server, inputs):
+    result = glcic("submit-train", "--images", f"{inputs}/photos", "--output", "s3://test/cli/long-model",
+                   "--width", "0.125", "--image-size", "32", "--local-size", "16", "--hole-min", "4",
+                   "--hole-max", "8", "--batch-size", "2", "--tc", "100000", "--td", "1", "--t-train", "200000",
+                   "--job-id", "cli-long", "--address", head.address)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "glcic logs cli-long --follow" in result.stdout
+    stopped = glcic("stop", "cli-long", "--wait", "--address", head.address)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "job cli-long STOPPED" in stopped.stdout
+    status = glcic("status", "cli-long", "--address", head.address)
+    assert "STOPPED" in status.stdout
+    again = glcic("stop", "cli-long", "--address", head.address)
+    assert again.returncode == 0 and "already ended: STOPPED" in again.stdout
+    missing = glcic("status", "no-such-job", "--address", head.address)
+    assert missing.returncode == 1 and "no job 'no-such-job'" in one_error_line(missing)
+
+
+def test_local_runs_the_job_on_an_embedded_ray(s3_server, inputs):
+    from pipeline.manifest import read_manifest
+
+    out = "s3://test/cli/local"
+    result = glcic("submit-inpaint", *inpaint_flags(inputs, out), "--local", timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "running inpaint on a local Ray" in result.stdout
+    table = read_manifest(f"{out}/_manifest", endpoint_url=s3_server.endpoint_url)
+    assert table.column("status").to_pylist() == ["ok", "ok"]
