@@ -1,0 +1,291 @@
+"""Batch inpainting over object storage: every image under --images completed, every result accounted for.
+
+    python -m jobs.inpaint --images s3://bucket/photos --output s3://bucket/completed \\
+        --checkpoint s3://bucket/checkpoints/final
+
+The Ray Data pipeline, one operator per stage (each visible in the dashboard and in the progress
+bars with its rows/s)::
+
+    list_images -> read_decode -> InpaintPredictor (actor pool) -> encode_write -> write_manifest
+
+Listing streams pages of keys from one task, so the driver never holds the key set; only small
+per-image status rows come back to the driver, which counts them. Every image ends as exactly
+one manifest row of this run (``pipeline/manifest.py``).
+
+Resuming (``--skip-existing true``, the default): a task reads every earlier run's manifest and
+builds a compact index of the keys already completed; read tasks consult it per image and write
+a ``skipped`` row instead of reading the image. Rerunning the same command after a crash or a
+partial run therefore completes exactly what is missing, and across all runs each image has
+exactly one ``ok`` row. ``--skip-existing false`` redoes everything (outputs are overwritten
+atomically).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal
+
+from jobs.config import parse_config, print_config, save_config, to_dict
+from pipeline import manifest as manifest_lib
+from pipeline import storage
+from pipeline.decode import DEFAULT_MAX_PIXELS
+
+log = logging.getLogger("glcic.inpaint")
+
+
+@dataclass
+class InpaintConfig:
+    """Complete every image under --images with a trained generator; write results and a Parquet manifest."""
+
+    images: str = field(metadata={"help": "input images: a prefix (s3://, gs://, local, any fsspec URI) or a list file (.txt/.lst, one key or URI a line)"})  # fmt: skip
+    output: str = field(metadata={"help": "prefix for the completed images, at the inputs' relative keys"})
+    checkpoint: str = field(metadata={"help": "checkpoint prefix (config.json + generator.safetensors)"})
+    masks: str | None = field(default=None, metadata={"help": "prefix of hole masks at the images' relative keys (or with a .png suffix), white = hole; none: generate masks"})  # fmt: skip
+    manifest: str | None = field(default=None, metadata={"help": "prefix for the Parquet manifest (default: <output>/_manifest)"})  # fmt: skip
+    mask_generator: Literal["rectangle", "freeform"] = field(default="rectangle", metadata={"help": "mask generator when --masks is not given; seeded by --mask-seed and the image key"})  # fmt: skip
+    mask_seed: int = field(default=0, metadata={"help": "seed of the generated masks (with the image key: reruns get the same masks)"})  # fmt: skip
+    output_format: Literal["png", "same"] = field(default="png", metadata={"help": "png: <key>.png (keys already ending in .png unchanged); same: the input's key and format"})  # fmt: skip
+    write_masks: bool = field(default=False, metadata={"help": "also write the mask used, as PNG under <output>/_masks/"})  # fmt: skip
+    postprocess: bool = field(default=True, metadata={"help": "the paper's post-processing (fast marching + Poisson blending) on the CPU after inference"})  # fmt: skip
+    batch_size: int = field(default=16, metadata={"help": "images per inference batch (split into same-size buckets)"})  # fmt: skip
+    num_actors: int = field(default=0, metadata={"help": "inference actors; 0: one per GPU on a GPU cluster, else one per 4 CPUs"})  # fmt: skip
+    num_gpus_per_actor: float | None = field(default=None, metadata={"help": "GPUs per inference actor; default: 1 on a cluster with GPUs, else 0"})  # fmt: skip
+    num_cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per inference actor (also its torch threads on CPU)"})  # fmt: skip
+    num_cpus_per_task: float = field(default=0.5, metadata={"help": "CPUs per read/decode and encode/write task; fractional so they never starve beside the actors"})  # fmt: skip
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "larger images are refused with an error row (decompression bombs, out-of-memory)"})  # fmt: skip
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={"help": "fp32, or bf16/fp16 autocast (meant for GPUs)"})  # fmt: skip
+    channels_last: bool = field(default=False, metadata={"help": "channels_last memory format for the network (faster on recent GPUs)"})  # fmt: skip
+    skip_existing: bool = field(default=True, metadata={"help": "resume: skip images with an ok row in an earlier run's manifest"})  # fmt: skip
+    endpoint_url: str | None = field(default=None, metadata={"help": "S3-compatible endpoint (default: GLCIC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)"})  # fmt: skip
+    run_id: str | None = field(default=None, metadata={"help": "this run's id (a fresh one by default; must not exist under the manifest yet)"})  # fmt: skip
+    limit: int | None = field(default=None, metadata={"help": "process at most this many listed images"})
+    manifest_rows_per_part: int = field(default=1024, metadata={"help": "rows per manifest Parquet file"})
+    log_every_s: float = field(
+        default=10.0, metadata={"help": "seconds between progress lines in the job log"}
+    )
+
+
+def manifest_uri(config: InpaintConfig) -> str:
+    return config.manifest or f"{config.output.rstrip('/')}/_manifest"
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def validate(config: InpaintConfig) -> None:
+    if not config.images or not config.output or not config.checkpoint:
+        raise ValueError("--images, --output and --checkpoint are required")
+    for name in ("batch_size", "manifest_rows_per_part", "max_pixels"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.num_actors < 0 or config.num_cpus_per_actor < 0 or config.num_cpus_per_task <= 0:
+        raise ValueError("--num-actors and --num-cpus-per-actor must be >= 0, --num-cpus-per-task > 0")
+    if config.limit is not None and config.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    if config.run_id is not None:
+        storage.safe_relative_key(f"run_id={config.run_id}")
+        if "/" in config.run_id:
+            raise ValueError("--run-id must not contain '/'")
+
+
+def actor_resources(config: InpaintConfig, cluster: dict) -> tuple[int, float, float]:
+    """``(num_actors, num_gpus, num_cpus)`` per actor, filling in the automatic defaults."""
+    gpus = config.num_gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    actors = config.num_actors
+    if actors == 0:
+        if gpus > 0:
+            actors = max(1, int(cluster.get("GPU", 0) // gpus))
+        else:
+            actors = max(1, int(cluster.get("CPU", 1) // 4))
+    return actors, gpus, config.num_cpus_per_actor
+
+
+def check_checkpoint(config: InpaintConfig) -> None:
+    """Fail before any work if the checkpoint is not complete (its config.json is written last)."""
+    fs, root = storage.filesystem(config.checkpoint, config.endpoint_url)
+    if not fs.exists(storage.join_key(root, "config.json")):
+        raise FileNotFoundError(f"no complete checkpoint at {config.checkpoint!r} (config.json missing)")
+
+
+def write_manifest(batch, *, manifest: str, run_id: str, endpoint_url: str | None = None):
+    """WriteManifest stage: one Parquet part per batch; returns only what the driver counts."""
+    table = manifest_lib.rows_to_table(batch)
+    manifest_lib.write_part(manifest, run_id, table, endpoint_url)
+    return {
+        "status": batch["status"],
+        "error_type": batch["error_type"],
+        "checkpoint_id": batch["checkpoint_id"],
+        "read_s": batch["read_s"],
+        "decode_s": batch["decode_s"],
+        "inference_s": batch["inference_s"],
+        "write_s": batch["write_s"],
+    }
+
+
+def build_dataset(config: InpaintConfig, run_id: str, index_ref):
+    import ray
+
+    from pipeline.inference import InpaintPredictor, crash_hook_from_env
+    from pipeline.inpaint_data import ReadOptions, list_images, read_decode
+    from pipeline.writer import WriteOptions, encode_write
+
+    manifest = manifest_uri(config)
+    num_actors, num_gpus, num_cpus = actor_resources(config, ray.cluster_resources())
+    task_cpus = config.num_cpus_per_task
+    ds = ray.data.from_items([{"source": config.images}])
+    ds = ds.map_batches(
+        list_images,
+        batch_size=1,
+        num_cpus=min(0.25, task_cpus),  # it mostly waits on listing calls
+        fn_kwargs={
+            "endpoint_url": config.endpoint_url,
+            "exclude": (config.output, manifest),
+        },
+    )
+    if config.limit is not None:
+        ds = ds.limit(config.limit)
+    # One block of keys per inference batch: map outputs are otherwise merged into blocks of up to
+    # 128 MiB, and one block goes to one read task and one actor whole.
+    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
+    read_options = ReadOptions(
+        output=config.output,
+        masks=config.masks,
+        mask_generator=config.mask_generator,
+        mask_seed=config.mask_seed,
+        output_format=config.output_format,
+        max_pixels=config.max_pixels,
+        endpoint_url=config.endpoint_url,
+    )
+    ds = ds.map_batches(
+        read_decode,
+        batch_size=config.batch_size,
+        num_cpus=task_cpus,
+        fn_kwargs={"options": read_options, "index_ref": [index_ref] if index_ref is not None else []},
+    )
+    ds = ds.map_batches(
+        InpaintPredictor,
+        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+        fn_constructor_kwargs={
+            "checkpoint": config.checkpoint,
+            "precision": config.precision,
+            "channels_last": config.channels_last,
+            "endpoint_url": config.endpoint_url,
+            "num_threads": max(1, int(round(num_cpus))) if num_gpus == 0 else None,
+            **crash_hook_from_env(),
+        },
+    )
+    write_options = WriteOptions(
+        output=config.output,
+        postprocess=config.postprocess,
+        write_masks=config.write_masks,
+        endpoint_url=config.endpoint_url,
+    )
+    ds = ds.map_batches(
+        encode_write, batch_size=config.batch_size, num_cpus=task_cpus, fn_kwargs={"options": write_options}
+    )
+    ds = ds.map_batches(
+        write_manifest,
+        batch_size=config.manifest_rows_per_part,
+        num_cpus=min(0.25, task_cpus),
+        fn_kwargs={"manifest": manifest, "run_id": run_id, "endpoint_url": config.endpoint_url},
+    )
+    return ds
+
+
+def run(config: InpaintConfig) -> dict:
+    """Run the job to the end; return the summary also written as ``_SUCCESS.json``."""
+    import ray
+
+    validate(config)
+    run_id = config.run_id or new_run_id()
+    manifest = manifest_uri(config)
+    if manifest_lib.run_exists(manifest, run_id, config.endpoint_url):
+        raise ValueError(
+            f"run {run_id!r} already has a manifest under {manifest!r}; rerun without --run-id to resume"
+        )
+    check_checkpoint(config)
+    print_config(config)
+    run_prefix = manifest_lib.run_prefix(manifest, run_id)
+    save_config(config, f"{run_prefix}/{manifest_lib.CONFIG_FILE}", config.endpoint_url)
+    if not ray.is_initialized():
+        ray.init()
+
+    started = time.time()
+    index_ref = None
+    if config.skip_existing:
+        index_ref = ray.remote(num_cpus=0.25)(manifest_lib.completed_key_digests).remote(
+            manifest, config.endpoint_url
+        )
+    ds = build_dataset(config, run_id, index_ref)
+
+    counts: Counter = Counter()
+    error_types: Counter = Counter()
+    stage_s: Counter = Counter()
+    checkpoint_ids: set[str] = set()
+    last_log = started
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        counts.update(batch.column("status").to_pylist())
+        error_types.update(t for t in batch.column("error_type").to_pylist() if t)  # "" when none
+        checkpoint_ids.update(c for c in batch.column("checkpoint_id").unique().to_pylist() if c)
+        for name in ("read_s", "decode_s", "inference_s", "write_s"):
+            stage_s[name] += float(batch.column(name).to_numpy(zero_copy_only=False).sum())
+        now = time.time()
+        if now - last_log >= config.log_every_s:
+            done = sum(counts.values())
+            log.warning(
+                "inpaint %s: %d images (%s), %.1f images/s",
+                run_id,
+                done,
+                dict(counts),
+                done / (now - started),
+            )
+            last_log = now
+
+    wall = time.time() - started
+    total = sum(counts.values())
+    summary = {
+        "run_id": run_id,
+        "images": total,
+        "counts": {status: counts.get(status, 0) for status in manifest_lib.STATUSES},
+        "error_types": dict(error_types),
+        "wall_s": round(wall, 3),
+        "images_per_s": round(total / wall, 3) if wall > 0 else None,
+        "completed_per_s": round(counts.get(manifest_lib.STATUS_OK, 0) / wall, 3) if wall > 0 else None,
+        "stage_s": {k: round(v, 3) for k, v in stage_s.items()},
+        "checkpoint_ids": sorted(checkpoint_ids),
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "manifest": run_prefix,
+        "output": config.output,
+        "config": to_dict(config),
+    }
+    manifest_lib.write_summary(manifest, run_id, summary, config.endpoint_url)
+    print(
+        f"inpaint {run_id}: {total} images {summary['counts']} in {wall:.1f}s "
+        f"({summary['images_per_s']} images/s); manifest {run_prefix}"
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = parse_config(InpaintConfig, argv)
+    summary = run(config)
+    print(f"summary: {summary['counts']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Bytes -> RGB uint8, or a typed error that names what is wrong with the input.
+
+Every image the job meets goes through ``decode_image``: EXIF orientation is applied, every
+Pillow mode (1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, HSV, I;16*, I, F) ends as HxWx3 RGB uint8,
+16-bit samples are scaled (not clipped) to 8 bits, and an image over ``max_pixels`` is refused
+from its header, before a single pixel is decoded (decompression bombs). Masks go through
+``decode_mask``: any mode, white (>= 128) = hole.
+
+Errors are ``DecodeError`` with a stable ``kind`` (``empty``, ``not_an_image``, ``truncated``,
+``too_large``, ``corrupt``) that becomes the manifest's ``error_type``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Never hand half an image to the network: a truncated file is an error row, not a grey band.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+# Pillow format name -> (output format, file suffix) for ``output_format="same"``.
+SAME_FORMATS = {
+    "JPEG": ("jpeg", ".jpg"),
+    "MPO": ("jpeg", ".jpg"),
+    "PNG": ("png", ".png"),
+    "WEBP": ("webp", ".webp"),
+    "TIFF": ("tiff", ".tif"),
+    "BMP": ("bmp", ".bmp"),
+}
+
+
+class DecodeError(ValueError):
+    """An input that cannot become an image; ``kind`` is the manifest's error type."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise DecodeError("empty", "the object is empty (0 bytes)")
+    # Pillow's own bomb check warns at MAX_IMAGE_PIXELS and raises at twice that; we check the
+    # header size ourselves below, so silence its warning and keep its hard limit as a backstop.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise DecodeError("not_an_image", f"not a recognised image format ({len(data)} bytes)") from None
+        except Image.DecompressionBombError as e:
+            raise DecodeError("too_large", str(e)) from None
+        except Exception as e:  # Pillow plugins raise a zoo of types on malformed headers
+            kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
+            raise DecodeError(kind, f"unreadable image header: {type(e).__name__}: {e}") from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise DecodeError("corrupt", f"image has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise DecodeError(
+            "too_large",
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
+        )
+    return img
+
+
+def _load(img: Image.Image) -> Image.Image:
+    try:
+        img.load()
+        return ImageOps.exif_transpose(img) or img
+    except Image.DecompressionBombError as e:
+        raise DecodeError("too_large", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        text = str(e)
+        kind = "truncated" if "truncated" in text.lower() or isinstance(e, EOFError) else "corrupt"
+        raise DecodeError(kind, f"cannot decode the image: {type(e).__name__}: {text}") from None
+    except Exception as e:
+        raise DecodeError("corrupt", f"cannot decode the image: {type(e).__name__}: {e}") from None
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey arrives as I;16* (or I, 32-bit, from some decoders): scale 0..65535 to
+        # 0..255 rather than let Pillow's convert("L") clip everything above 255 to white.
+        grey = (np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "F":
+        grey = np.asarray(img, dtype=np.float32)
+        scale = 255.0 if np.nanmax(grey, initial=0.0) <= 1.0 else 1.0
+        grey = np.nan_to_num(grey * scale, nan=0.0).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        # Drop alpha: the completion network sees colour only; the hole mask says what to fill.
+        img = img.convert("RGBA")
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """``(HxWx3 uint8 RGB, Pillow format name)``; raises ``DecodeError``."""
+    img = _open(data, max_pixels)
+    fmt = img.format or ""
+    img = _load(img)
+    try:
+        return _to_rgb(img), fmt
+    except DecodeError:
+        raise
+    except Exception as e:
+        raise DecodeError(
+            "corrupt", f"cannot convert {img.mode} image to RGB: {type(e).__name__}: {e}"
+        ) from None
+
+
+def decode_mask(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """HxW uint8 {0, 1}, 1 = hole (white >= 128 in the file); raises ``DecodeError``."""
+    img = _load(_open(data, max_pixels))
+    try:
+        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+            top = 1.0 if img.mode == "F" else 65535.0
+            return (np.asarray(img).astype(np.float64) >= top / 2).astype(np.uint8)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA").convert("RGB")
+        return (np.asarray(img.convert("L")) >= 128).astype(np.uint8)
+    except Exception as e:
+        raise DecodeError("corrupt", f"cannot read the mask: {type(e).__name__}: {e}") from None

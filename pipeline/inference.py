@@ -1,0 +1,160 @@
+"""The Inpaint stage: ``InpaintPredictor``, the callable class Ray Data runs in an actor pool.
+
+Each actor loads the generator once and then only does tensor work: uint8 pixels go to the
+device as they are (a quarter of the bytes of float32) and are converted there; the output comes
+back as uint8. Decoding, padding bookkeeping, post-processing and encoding happen in the tasks
+before and after, so the GPU never waits on the CPU.
+
+A batch can hold images of several sizes; it is split into size buckets (same padded size) and
+each bucket is one forward pass, so no image is ever resized or padded beyond its own multiple
+of 4 (results are identical to completing each image alone).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from model.completion import SIZE_MULTIPLE, pad_to_multiple, padded_size
+from pipeline.manifest import STATUS_OK
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Test-only fault injection (issue #7): after this many batches the actor exits mid-batch, once
+# per job (the marker file records that it happened), to prove that Ray restarts it and retries.
+CRASH_AFTER_BATCHES_ENV = "GLCIC_TEST_CRASH_AFTER_BATCHES"
+CRASH_MARKER_ENV = "GLCIC_TEST_CRASH_MARKER"
+
+
+def crash_hook_from_env() -> dict:
+    """The fault hook's settings, read on the driver and passed to the actors explicitly."""
+    after = int(os.environ.get(CRASH_AFTER_BATCHES_ENV, "0") or 0)
+    marker = os.environ.get(CRASH_MARKER_ENV) or None
+    return {"crash_after_batches": after, "crash_marker": marker} if after > 0 and marker else {}
+
+
+class InpaintPredictor:
+    def __init__(
+        self,
+        checkpoint: str,
+        *,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        endpoint_url: str | None = None,
+        num_threads: int | None = None,
+        crash_after_batches: int = 0,
+        crash_marker: str | None = None,
+    ):
+        import ray
+
+        from model.checkpoint import load_generator
+
+        if precision not in ("fp32", *AUTOCAST_DTYPES):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, not {precision!r}")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, config, self.checkpoint_id = load_generator(
+            checkpoint, device=self.device, endpoint_url=endpoint_url
+        )
+        self.model = model.eval()
+        self.channels_last = channels_last
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.mean_pixel = tuple(float(v) for v in config.mean_pixel)
+        self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
+        ctx = ray.get_runtime_context()
+        self.node_id = ctx.get_node_id()
+        self.worker = ctx.get_actor_id() or ctx.get_worker_id()
+        self.gpu_id = ",".join(str(g) for g in ray.get_gpu_ids())
+        self.crash_after_batches = crash_after_batches
+        self.crash_marker = crash_marker
+        self.batches = 0
+
+    def _maybe_crash(self) -> None:
+        if not self.crash_after_batches or self.batches < self.crash_after_batches or not self.crash_marker:
+            return
+        try:
+            fd = os.open(self.crash_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # already crashed once in this job
+        os.write(fd, f"{self.worker}\n".encode())
+        os.close(fd)
+        os._exit(1)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, images: np.ndarray, masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (N, H, W, 3) and (N, H, W) -> float (N, 3, H, W) in [0, 1] and (N, 1, H, W) on the device,
+        reflect-padded to multiples of 4 exactly as ``CompletionNetwork.complete`` would."""
+        non_blocking = self.device.type == "cuda"
+        x = torch.from_numpy(images).to(self.device, non_blocking=non_blocking)
+        m = torch.from_numpy(masks).to(self.device, non_blocking=non_blocking)
+        x = x.permute(0, 3, 1, 2).float().div_(255)
+        m = m.unsqueeze(1).float()
+        return pad_to_multiple(x, SIZE_MULTIPLE)[0], pad_to_multiple(m, SIZE_MULTIPLE)[0]
+
+    @torch.inference_mode()
+    def complete(self, images: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
+        """Complete images that share one padded size; uint8 in, uint8 out, one forward pass.
+
+        Images of different exact sizes are each padded to the common padded size first, which
+        is what ``complete`` would do to each alone, and cropped back after.
+        """
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            by_size[image.shape[:2]].append(i)
+        order = [i for idx in by_size.values() for i in idx]
+        parts = [
+            self._to_device(np.stack([images[i] for i in idx]), np.stack([masks[i] for i in idx]))
+            for idx in by_size.values()
+        ]
+        x = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        m = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            m = m.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            out = self.model.complete(x, m, self.mean_pixel)
+        out = out.float().mul_(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        completed: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
+        for j, i in enumerate(order):
+            h, w = images[i].shape[:2]
+            completed[i] = np.ascontiguousarray(out[j, :h, :w])
+        return completed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._maybe_crash()
+        n = len(batch["input_key"])
+        images, masks = batch.pop("image"), batch["mask"]
+        completed = list(images)  # rows with nothing to fill pass their pixels through
+        inference_s = np.zeros(n, dtype=np.float32)
+
+        buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i in range(n):
+            if batch["status"][i] == STATUS_OK and batch["hole_fraction"][i] > 0:
+                buckets[padded_size(*images[i].shape[:2], SIZE_MULTIPLE)].append(i)
+        for idx in buckets.values():
+            start = time.perf_counter()
+            outputs = self.complete([images[i] for i in idx], [masks[i] for i in idx])
+            elapsed = (time.perf_counter() - start) / len(idx)
+            for i, out in zip(idx, outputs, strict=True):
+                completed[i] = out
+                inference_s[i] = elapsed
+        self.batches += 1
+
+        batch["completed"] = completed
+        batch["inference_s"] = inference_s
+        batch["checkpoint_id"] = np.full(n, self.checkpoint_id, dtype=object)
+        batch["node_id"] = np.full(n, self.node_id, dtype=object)
+        batch["inference_worker"] = np.full(n, self.worker, dtype=object)
+        batch["gpu_id"] = np.full(n, self.gpu_id, dtype=object)
+        return batch

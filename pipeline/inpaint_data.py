@@ -1,0 +1,274 @@
+"""The inpainting job's input side as Ray Data tasks: ListImages, then ReadDecode.
+
+``list_images`` runs as one streaming task per source (a prefix or a list file): it walks the
+prefix one folder at a time (or reads the list file line by line) and yields pages of keys, so
+neither the driver nor any task ever holds the whole key set. ``read_decode`` turns pages of keys
+into rows ready for the network: RGB uint8 pixels, a hole mask (read from ``--masks`` or generated
+from the image key), and every manifest field known so far. Nothing here raises on bad input:
+each image ends as a row whose ``status`` is ``ok`` (ready), ``error`` (with a type and a
+message) or ``skipped`` (completed by an earlier run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import posixpath
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from pipeline import storage
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_mask
+from pipeline.manifest import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, contains, key_digests
+from pipeline.writer import output_key_for
+
+LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")
+EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
+EMPTY_MASK = np.zeros((0, 0), dtype=np.uint8)
+
+
+def is_list_file(fs, path: str) -> bool:
+    return path.lower().endswith(LIST_FILE_SUFFIXES) and fs.isfile(path)
+
+
+def _list_file_entry(list_dir_uri: str, line: str) -> tuple[str, str]:
+    """``(key, uri)`` of one list-file line: a key relative to the list file's folder, or a full URI
+    / absolute path whose key is its path without the protocol (``s3://b/x.jpg`` -> ``b/x.jpg``)."""
+    if "://" in line:
+        return line.split("://", 1)[1].lstrip("/"), line
+    if line.startswith("/"):
+        return line.lstrip("/"), line
+    return line, posixpath.join(list_dir_uri.rstrip("/"), line)
+
+
+def _walk_prefix(fs, root: str, exclude: tuple[str, ...]) -> Iterator[str]:
+    """Every object path under ``root``, folder by folder, sorted within a folder."""
+    if fs.isfile(root):
+        yield root
+        return
+    for folder, dirs, files in fs.walk(root):
+        dirs[:] = sorted(
+            d for d in dirs if posixpath.join(folder, d) not in exclude and not d.startswith(".")
+        )
+        for name in sorted(files):
+            if not name.startswith("."):  # hidden files and our own .glcic-tmp-* temporaries
+                yield posixpath.join(folder, name)
+
+
+def _printable(key: str) -> str:
+    """Local file names may not be UTF-8; show their bytes escaped. The backslash makes such a key
+    unsafe, so it becomes an ``unsafe_key`` error row instead of breaking the Arrow block."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def iter_entries(
+    source: str, endpoint_url: str | None = None, exclude: tuple[str, ...] = ()
+) -> Iterator[tuple[str, str]]:
+    """``(relative key, URI)`` of every input under ``source``, a prefix or a list file."""
+    fs, root = storage.filesystem(source, endpoint_url)
+    if is_list_file(fs, root):
+        list_dir = source.rstrip("/").rsplit("/", 1)[0] if "/" in source.rstrip("/") else "."
+        with fs.open(root, "rt", encoding="utf-8") as lines:
+            for raw in lines:
+                line = raw.strip()
+                if line and not line.startswith("#"):
+                    yield _list_file_entry(list_dir, line)
+        return
+    excluded = tuple(storage.filesystem(u, endpoint_url)[1] for u in exclude)
+    for path in _walk_prefix(fs, root, excluded):
+        yield _printable(storage.relative_key(root, path)), storage.full_uri(fs, path)
+
+
+def list_images(
+    batch: dict[str, np.ndarray],
+    *,
+    page_rows: int = 1000,
+    endpoint_url: str | None = None,
+    exclude: tuple[str, ...] = (),
+) -> Iterator[dict[str, np.ndarray]]:
+    """ListImages stage: ``{"source": [uri]}`` -> pages of ``{"key", "uri"}`` rows.
+
+    ``exclude``: URIs (the output and manifest prefixes) never listed as inputs, so an output
+    prefix nested inside the input prefix is not read back as images.
+    """
+    for source in batch["source"]:
+        entries = iter_entries(source, endpoint_url, exclude)
+        while page := list(itertools.islice(entries, page_rows)):
+            keys, uris = zip(*page, strict=True)
+            yield {"key": np.array(keys, dtype=object), "uri": np.array(uris, dtype=object)}
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    output: str
+    masks: str | None = None
+    mask_generator: str = "rectangle"
+    mask_seed: int = 0
+    output_format: str = "png"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    endpoint_url: str | None = None
+
+
+# Per worker process: the resume index fetched once from the object store (zero-copy).
+_INDEX_CACHE: dict[str, np.ndarray] = {}
+
+
+def _resume_index(index_ref: list) -> np.ndarray | None:
+    """``index_ref`` is ``[ObjectRef]`` (a list so Ray does not resolve it for every task's args)."""
+    if not index_ref:
+        return None
+    ref = index_ref[0]
+    cached = _INDEX_CACHE.get(ref.hex())
+    if cached is None:
+        cached = ray.get(ref)
+        _INDEX_CACHE.clear()
+        _INDEX_CACHE[ref.hex()] = cached
+    return cached
+
+
+def _read(uri: str, endpoint_url: str | None) -> bytes:
+    fs, path = storage.filesystem(uri, endpoint_url)
+    return storage.with_retries(lambda: storage.read_bytes(fs, path))
+
+
+def _mask_candidates(key: str) -> list[str]:
+    """A mask shares the image's key, or its key with a ``.png`` suffix (``a.jpg`` -> ``a.png``)."""
+    stem, suffix = posixpath.splitext(key)
+    return [key] if suffix.lower() == ".png" else [key, stem + ".png"]
+
+
+class RowError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _load_mask(key: str, height: int, width: int, options: ReadOptions) -> tuple[np.ndarray, str]:
+    fs, root = storage.filesystem(options.masks, options.endpoint_url)
+    for candidate in _mask_candidates(key):
+        path = storage.join_key(root, candidate)
+        try:
+            data = storage.with_retries(lambda path=path: storage.read_bytes(fs, path))
+        except FileNotFoundError:
+            continue
+        try:
+            mask = decode_mask(data, options.max_pixels)
+        except DecodeError as e:
+            raise RowError(f"mask_{e.kind}", f"mask {candidate!r}: {e}") from None
+        if mask.shape != (height, width):
+            raise RowError(
+                "mask_size_mismatch",
+                f"mask {candidate!r} is {mask.shape[1]}x{mask.shape[0]}, the image is {width}x{height}",
+            )
+        return mask, candidate
+    raise RowError("mask_missing", f"no mask for {key!r} under --masks (tried {_mask_candidates(key)})")
+
+
+def _generate_mask(key: str, height: int, width: int, options: ReadOptions) -> np.ndarray:
+    from model.masks import generate_mask
+
+    try:
+        return np.ascontiguousarray(
+            generate_mask(options.mask_generator, height, width, seed=options.mask_seed, key=key),
+            dtype=np.uint8,
+        )
+    except Exception as e:
+        raise RowError("mask_generation_failed", f"{type(e).__name__}: {e}") from None
+
+
+def read_decode(
+    batch: dict[str, np.ndarray], *, options: ReadOptions, index_ref: list | None = None
+) -> dict[str, list | np.ndarray]:
+    """ReadDecode stage: keys -> pixels, masks and manifest fields, one row per key, never raising."""
+    keys = [str(k) for k in batch["key"]]
+    uris = [str(u) for u in batch["uri"]]
+    n = len(keys)
+    index = _resume_index(index_ref or [])
+    done = contains(index, key_digests(keys)) if index is not None else np.zeros(n, dtype=bool)
+
+    # In flight, "" and 0 stand for "none": a column that is all None in one block would get a
+    # different Arrow type than in the next. The manifest turns them back into nulls.
+    rows: dict[str, list[str]] = {
+        name: [""] * n
+        for name in ("status", "error_type", "error_message", "output_key", "encoder", "mask_key")
+    }
+    images: list[np.ndarray] = [EMPTY_IMAGE] * n
+    masks: list[np.ndarray] = [EMPTY_MASK] * n
+    width = np.zeros(n, dtype=np.int32)
+    height = np.zeros(n, dtype=np.int32)
+    hole = np.full(n, np.nan, dtype=np.float32)
+    read_s = np.zeros(n, dtype=np.float32)
+    decode_s = np.zeros(n, dtype=np.float32)
+    generated = options.masks is None
+
+    for i, key in enumerate(keys):
+        try:
+            try:
+                storage.safe_relative_key(key)
+                out_key, encoder = output_key_for(key, options.output_format)
+                storage.join_key(options.output, out_key)
+            except storage.UnsafeKeyError as e:
+                raise RowError("unsafe_key", str(e)) from None
+            rows["output_key"][i], rows["encoder"][i] = out_key, encoder
+            if done[i]:
+                rows["status"][i] = STATUS_SKIPPED
+                rows["error_message"][i] = "completed by an earlier run (skip_existing)"
+                continue
+            start = time.perf_counter()
+            try:
+                data = _read(uris[i], options.endpoint_url)
+            except FileNotFoundError:
+                raise RowError("not_found", f"{uris[i]!r} no longer exists") from None
+            except Exception as e:
+                raise RowError("read_failed", f"{type(e).__name__}: {e}") from None
+            read_s[i] = time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                image, _ = decode_image(data, options.max_pixels)
+            except DecodeError as e:
+                raise RowError(e.kind, str(e)) from None
+            del data
+            h, w = image.shape[:2]
+            height[i], width[i] = h, w
+            if generated:
+                mask = _generate_mask(key, h, w, options)
+            else:
+                mask_start = time.perf_counter()
+                mask, rows["mask_key"][i] = _load_mask(key, h, w, options)
+                read_s[i] += time.perf_counter() - mask_start
+                start += time.perf_counter() - mask_start
+            hole[i] = float(mask.mean())
+            decode_s[i] = time.perf_counter() - start
+            if hole[i] >= 1.0:
+                raise RowError("mask_all_hole", "the mask covers the whole image: nothing to complete from")
+            if hole[i] == 0.0:
+                rows["error_message"][i] = "the mask has no hole: the output is the input"
+            images[i], masks[i] = image, mask
+            rows["status"][i] = STATUS_OK
+        except RowError as e:
+            rows["status"][i] = STATUS_ERROR
+            rows["error_type"][i] = e.kind
+            rows["error_message"][i] = str(e)
+            rows["output_key"][i] = rows["encoder"][i] = ""
+
+    return {
+        "input_key": keys,
+        "input_uri": uris,
+        **rows,
+        "mask_generator": [options.mask_generator if generated else ""] * n,
+        "mask_seed": np.full(n, options.mask_seed, dtype=np.int64),
+        "width": width,
+        "height": height,
+        "hole_fraction": hole,
+        "read_s": read_s,
+        "decode_s": decode_s,
+        "image": images,
+        "mask": masks,
+    }

@@ -1,0 +1,208 @@
+"""The run manifest: one Parquet row per input image, per run, and what resuming reads back.
+
+Layout under ``--manifest``::
+
+    run_id=<id>/_config.json         the InpaintConfig of that run
+    run_id=<id>/part-<hash>.parquet  result rows, each file written whole (atomic PUT / rename)
+    run_id=<id>/_SUCCESS.json        counts by status, throughput, wall time; written last
+
+The ``run_id=`` folders are Hive partitions (the files do not repeat the column), so
+``pyarrow.dataset``, ``pandas.read_parquet(<manifest>)`` and DuckDB
+(``read_parquet('<manifest>/*/*.parquet', hive_partitioning=true)``) read every run at once and
+add ``run_id``; names starting with ``_`` are ignored by all three.
+
+A part's name is a hash of the rows' input keys and statuses, so a write task that Ray retries
+rewrites the same file instead of adding a duplicate. A row says ``ok`` only after its output
+object is fully written, so every ``ok`` row of every run, finished or crashed, names an output
+that exists: resuming skips exactly those images (``ResumeIndex``), and across all runs each
+image has at most one ``ok`` row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+STATUS_SKIPPED = "skipped"
+STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_SKIPPED)
+
+SUCCESS_FILE = "_SUCCESS.json"
+CONFIG_FILE = "_config.json"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("input_key", pa.string()),  # relative to --images
+        ("input_uri", pa.string()),
+        ("mask_key", pa.string()),  # relative to --masks; null when generated
+        ("mask_generator", pa.string()),  # "rectangle" / "freeform"; null when read from --masks
+        ("mask_seed", pa.int64()),  # the run's seed; the mask is generate_mask(kind, h, w, seed, key)
+        ("output_key", pa.string()),  # relative to --output; null unless ok / skipped
+        ("output_uri", pa.string()),
+        ("mask_output_key", pa.string()),  # relative to --output, when --write-masks
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("hole_fraction", pa.float32()),
+        ("status", pa.string()),  # ok / error / skipped
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("checkpoint_id", pa.string()),
+        ("read_s", pa.float32()),
+        ("decode_s", pa.float32()),
+        ("inference_s", pa.float32()),  # the batch's forward time divided by its images
+        ("write_s", pa.float32()),  # post-processing, encoding and the atomic write
+        ("node_id", pa.string()),  # where the inference actor ran
+        ("inference_worker", pa.string()),  # the actor's id
+        ("gpu_id", pa.string()),  # the GPU Ray assigned to that actor ("" on CPU)
+    ]
+)
+MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+
+
+def run_prefix(manifest: str, run_id: str) -> str:
+    return storage.join_key(manifest, f"run_id={run_id}")
+
+
+def part_name(keys: list[str], statuses: list[str]) -> str:
+    """Deterministic per batch of rows, so a retried write task overwrites instead of duplicating."""
+    h = hashlib.blake2b(digest_size=12)
+    for key, status in zip(keys, statuses, strict=True):
+        h.update(key.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+        h.update(status.encode())
+        h.update(b"\x01")
+    return f"part-{h.hexdigest()}.parquet"
+
+
+def rows_to_table(rows: dict[str, list | np.ndarray]) -> pa.Table:
+    """Column dict (every ``MANIFEST_COLUMNS`` name) -> a table with the manifest schema.
+
+    The pipeline carries "none" as "" (strings), 0 (sizes) and NaN (fractions) so every block has
+    the same Arrow types; here they become nulls. ``mask_seed`` is null when masks were read.
+    """
+    columns = {}
+    for f in MANIFEST_SCHEMA:
+        values = list(rows[f.name].tolist() if isinstance(rows[f.name], np.ndarray) else rows[f.name])
+        if pa.types.is_string(f.type):
+            values = [v if isinstance(v, str) and v else None for v in values]
+        elif f.name in ("width", "height"):
+            values = [int(v) if v else None for v in values]
+        columns[f.name] = values
+    columns["mask_seed"] = [
+        int(seed) if generator else None
+        for seed, generator in zip(columns["mask_seed"], columns["mask_generator"], strict=True)
+    ]
+    arrays = [pa.array(columns[f.name], type=f.type, from_pandas=True) for f in MANIFEST_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
+
+
+def write_part(manifest: str, run_id: str, table: pa.Table, endpoint_url: str | None = None) -> str:
+    """Write ``table`` as one Parquet file under the run's folder, whole or not at all."""
+    keys = table.column("input_key").to_pylist()
+    statuses = table.column("status").to_pylist()
+    fs, root = storage.filesystem(run_prefix(manifest, run_id), endpoint_url)
+    path = storage.join_key(root, part_name(keys, statuses))
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue()
+    storage.with_retries(lambda: storage.atomic_write_bytes(fs, path, data))
+    return path
+
+
+def _part_paths(fs, root: str) -> list[str]:
+    try:
+        runs = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    parts = []
+    for run in sorted(runs):
+        if not posixpath.basename(run.rstrip("/")).startswith("run_id="):
+            continue
+        try:
+            names = fs.ls(run, detail=False)
+        except FileNotFoundError:
+            continue
+        parts += sorted(
+            p for p in names if posixpath.basename(p).startswith("part-") and p.endswith(".parquet")
+        )
+    return parts
+
+
+def run_exists(manifest: str, run_id: str, endpoint_url: str | None = None) -> bool:
+    fs, path = storage.filesystem(run_prefix(manifest, run_id), endpoint_url)
+    return bool(fs.exists(path))
+
+
+def key_digests(keys) -> np.ndarray:
+    """128-bit digests of keys as a NumPy ``S16`` array (sortable, searchable, 16 bytes a key)."""
+    return np.array(
+        [hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=16).digest() for k in keys],
+        dtype="S16",
+    )
+
+
+def completed_key_digests(manifest: str, endpoint_url: str | None = None) -> np.ndarray:
+    """Sorted digests of every input key with an ``ok`` row in any run under ``manifest``.
+
+    Reads only the ``input_key`` and ``status`` columns, one file at a time; memory is 16 bytes
+    per completed image (about 1.6 GB for 100 M images). Runs as a Ray task so the driver never
+    holds it. A file that cannot be read (not one of ours: ours are written atomically) is
+    logged and ignored, so its images are simply done again.
+    """
+    fs, root = storage.filesystem(manifest, endpoint_url)
+    chunks = [np.empty(0, dtype="S16")]
+    for path in _part_paths(fs, root):
+        try:
+            data = storage.with_retries(lambda path=path: storage.read_bytes(fs, path))
+            table = pq.read_table(io.BytesIO(data), columns=["input_key", "status"])
+        except (FileNotFoundError, OSError, pa.ArrowException) as e:
+            log.warning("ignoring unreadable manifest part %s: %s", path, e)
+            continue
+        ok = table.filter(pa.compute.equal(table.column("status"), STATUS_OK))
+        chunks.append(key_digests(ok.column("input_key").to_pylist()))
+    return np.unique(np.concatenate(chunks))
+
+
+def contains(sorted_digests: np.ndarray, digests: np.ndarray) -> np.ndarray:
+    """Boolean mask: which of ``digests`` are in ``sorted_digests``."""
+    if len(sorted_digests) == 0 or len(digests) == 0:
+        return np.zeros(len(digests), dtype=bool)
+    pos = np.searchsorted(sorted_digests, digests)
+    pos = np.minimum(pos, len(sorted_digests) - 1)
+    return sorted_digests[pos] == digests
+
+
+def write_summary(manifest: str, run_id: str, summary: dict, endpoint_url: str | None = None) -> str:
+    fs, root = storage.filesystem(run_prefix(manifest, run_id), endpoint_url)
+    path = storage.join_key(root, SUCCESS_FILE)
+    data = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
+    storage.with_retries(lambda: storage.atomic_write_bytes(fs, path, data))
+    return path
+
+
+def read_manifest(manifest: str, run_id: str | None = None, endpoint_url: str | None = None) -> pa.Table:
+    """Every row of one run (or of all runs) as one table; for tests, tools and notebooks."""
+    fs, root = storage.filesystem(manifest, endpoint_url)
+    paths = _part_paths(fs, root)
+    if run_id is not None:
+        paths = [p for p in paths if posixpath.basename(posixpath.dirname(p)) == f"run_id={run_id}"]
+    tables = []
+    for p in paths:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(fs, p)))
+        run = posixpath.basename(posixpath.dirname(p)).split("=", 1)[1]
+        tables.append(table.append_column("run_id", pa.array([run] * len(table), pa.string())))
+    if not tables:
+        return MANIFEST_SCHEMA.append(pa.field("run_id", pa.string())).empty_table()
+    return pa.concat_tables(tables)

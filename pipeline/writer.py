@@ -1,0 +1,142 @@
+"""Post-processing, encoding and atomic writes of completed images: the EncodeWrite stage.
+
+Runs as plain Ray Data tasks after the inference actors, so the GPU never waits on PNG/JPEG
+encoding or on object storage. Each object appears whole or not at all
+(``storage.atomic_write_bytes``); a row says ``ok`` only once its object is written.
+
+Output names are a pure function of the input key and the output format (``output_key_for``), so
+reruns and resumes land on the same keys and the manifest maps inputs to outputs one to one.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from pipeline import storage
+from pipeline.manifest import STATUS_ERROR, STATUS_OK
+
+# Suffix -> encoder name for ``output_format="same"``; anything else is written as PNG.
+SAME_FORMAT_SUFFIXES = {
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".png": "png",
+    ".webp": "webp",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".bmp": "bmp",
+}
+MASKS_FOLDER = "_masks"
+JPEG_QUALITY = 95
+PNG_COMPRESSION = 3  # zlib level: most of level 9's size at a fraction of its time
+
+
+def output_key_for(key: str, output_format: str) -> tuple[str, str]:
+    """``(output key relative to --output, encoder)`` for input ``key``.
+
+    ``png``: the key itself if it already ends in ``.png``, else ``<key>.png`` (``cat.jpg`` ->
+    ``cat.jpg.png``), which never maps two inputs (``cat.jpg``, ``cat.png``) to one output.
+    ``same``: the key unchanged, encoded in the format its suffix names; unknown suffixes get PNG.
+    """
+    suffix = posixpath.splitext(key)[1].lower()
+    if output_format == "same" and suffix in SAME_FORMAT_SUFFIXES:
+        return key, SAME_FORMAT_SUFFIXES[suffix]
+    if suffix == ".png":
+        return key, "png"
+    return key + ".png", "png"
+
+
+def mask_output_key_for(output_key: str) -> str:
+    base = output_key if output_key.lower().endswith(".png") else output_key + ".png"
+    return f"{MASKS_FOLDER}/{base}"
+
+
+def encode(image: np.ndarray, encoder: str) -> bytes:
+    """HxWx3 RGB (or HxW grey) uint8 -> file bytes."""
+    if encoder in ("png", "jpeg"):
+        bgr = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        params = (
+            [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]
+            if encoder == "png"
+            else [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+        )
+        ok, buf = cv2.imencode(".png" if encoder == "png" else ".jpg", bgr, params)
+        if not ok:
+            raise ValueError(f"OpenCV could not encode a {image.shape} image as {encoder}")
+        return buf.tobytes()
+    sink = io.BytesIO()
+    Image.fromarray(image).save(sink, format=encoder.upper())
+    return sink.getvalue()
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    output: str
+    postprocess: bool = True
+    write_masks: bool = False
+    endpoint_url: str | None = None
+
+
+def _finish(completed: np.ndarray, mask: np.ndarray, postprocess: bool) -> np.ndarray:
+    if not postprocess or not mask.any():
+        return completed
+    from model.postprocess import blend
+
+    # ``completed`` already holds the known pixels bit for bit (model.completion.composite), so it
+    # serves as both the image and the completion.
+    return blend(completed, completed, mask)
+
+
+def encode_write(batch: dict[str, np.ndarray], *, options: WriteOptions) -> dict[str, np.ndarray]:
+    """EncodeWrite stage: write every ``ok`` row's output; return the rows without pixels."""
+    fs, root = storage.filesystem(options.output, options.endpoint_url)
+    n = len(batch["input_key"])
+    status = batch["status"].astype(object)
+    error_type = batch["error_type"].astype(object)
+    error_message = batch["error_message"].astype(object)
+    output_key = batch["output_key"].astype(object)
+    mask_output_key = np.full(n, "", dtype=object)
+    output_uri = np.full(n, "", dtype=object)
+    write_s = np.zeros(n, dtype=np.float32)
+    for i in range(n):
+        if output_key[i] and status[i] != STATUS_ERROR:
+            output_uri[i] = storage.full_uri(fs, storage.join_key(root, output_key[i]))
+        if status[i] != STATUS_OK:
+            continue
+        start = time.perf_counter()
+        try:
+            mask = batch["mask"][i]
+            final = _finish(batch["completed"][i], mask, options.postprocess)
+            data = encode(final, batch["encoder"][i])
+            path = storage.join_key(root, output_key[i])
+            if options.write_masks:
+                mask_key = mask_output_key_for(output_key[i])
+                mask_data = encode((mask * 255).astype(np.uint8), "png")
+                mask_path = storage.join_key(root, mask_key)
+                storage.with_retries(lambda p=mask_path, d=mask_data: storage.atomic_write_bytes(fs, p, d))
+                mask_output_key[i] = mask_key
+            # The image last: its presence (and the ok row) implies the mask is there too.
+            storage.with_retries(lambda p=path, d=data: storage.atomic_write_bytes(fs, p, d))
+        except Exception as e:
+            status[i] = STATUS_ERROR
+            error_type[i] = "write_failed"
+            error_message[i] = f"{type(e).__name__}: {e}"
+            output_key[i] = output_uri[i] = mask_output_key[i] = ""
+        write_s[i] = time.perf_counter() - start
+    out = {k: v for k, v in batch.items() if k not in ("completed", "mask", "encoder")}
+    out.update(
+        status=status,
+        error_type=error_type,
+        error_message=error_message,
+        output_key=output_key,
+        output_uri=output_uri,
+        mask_output_key=mask_output_key,
+        write_s=write_s,
+    )
+    return out

@@ -1,0 +1,105 @@
+"""The manifest's format and the resume index built from it (no Ray needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import manifest as m
+
+
+def rows(keys: list[str], statuses: list[str]) -> dict[str, list]:
+    n = len(keys)
+    ok = [s == "ok" for s in statuses]
+    return {
+        "input_key": keys,
+        "input_uri": [f"s3://bucket/in/{k}" for k in keys],
+        "mask_key": [""] * n,
+        "mask_generator": ["rectangle"] * n,
+        "mask_seed": [3] * n,
+        "output_key": [f"{k}.png" if o else "" for k, o in zip(keys, ok, strict=True)],
+        "output_uri": [f"s3://bucket/out/{k}.png" if o else "" for k, o in zip(keys, ok, strict=True)],
+        "mask_output_key": [""] * n,
+        "width": [64 if o else 0 for o in ok],
+        "height": [48 if o else 0 for o in ok],
+        "hole_fraction": [0.25 if o else float("nan") for o in ok],
+        "status": statuses,
+        "error_type": ["" if o else "not_an_image" for o in ok],
+        "error_message": ["" if o else "not a recognised image format" for o in ok],
+        "checkpoint_id": ["abc123"] * n,
+        "read_s": np.full(n, 0.01, np.float32),
+        "decode_s": np.full(n, 0.02, np.float32),
+        "inference_s": np.full(n, 0.03, np.float32),
+        "write_s": np.full(n, 0.04, np.float32),
+        "node_id": ["node"] * n,
+        "inference_worker": ["actor"] * n,
+        "gpu_id": [""] * n,
+    }
+
+
+def test_in_flight_placeholders_become_nulls():
+    table = m.rows_to_table(rows(["a.jpg", "b.jpg"], ["ok", "error"]))
+    assert table.schema == m.MANIFEST_SCHEMA
+    ok, err = table.to_pylist()
+    assert ok["output_key"] == "a.jpg.png" and ok["width"] == 64 and ok["mask_seed"] == 3
+    assert ok["error_type"] is None and ok["mask_key"] is None and ok["gpu_id"] is None
+    assert err["output_key"] is None and err["width"] is None and err["hole_fraction"] is None
+    assert err["error_type"] == "not_an_image"
+    masked = rows(["c.jpg"], ["ok"])
+    masked["mask_generator"], masked["mask_key"] = [""], ["c.png"]
+    (row,) = m.rows_to_table(masked).to_pylist()
+    assert row["mask_seed"] is None and row["mask_generator"] is None and row["mask_key"] == "c.png"
+
+
+def test_parts_are_idempotent_and_runs_are_separate(tmp_path):
+    manifest = str(tmp_path / "manifest")
+    table = m.rows_to_table(rows(["x/1.jpg", "x/2.jpg", "x/3.jpg"], ["ok", "error", "ok"]))
+    first = m.write_part(manifest, "run-a", table)
+    assert m.write_part(manifest, "run-a", table) == first  # a retried task rewrites the same part
+    other = m.rows_to_table(rows(["x/1.jpg", "x/2.jpg", "x/3.jpg"], ["skipped", "ok", "skipped"]))
+    m.write_part(manifest, "run-b", other)
+    assert pq.read_table(first).num_rows == 3
+    assert sorted(p.name for p in tmp_path.glob("manifest/*")) == ["run_id=run-a", "run_id=run-b"]
+    assert m.run_exists(manifest, "run-a") and not m.run_exists(manifest, "run-c")
+    assert not list(tmp_path.rglob(".glcic-tmp-*"))
+
+    every = m.read_manifest(manifest).to_pandas()
+    assert len(every) == 6 and set(every.run_id) == {"run-a", "run-b"}
+    assert len(m.read_manifest(manifest, "run-b")) == 3
+
+    # Resume index: ok rows of any run, nothing else.
+    done = m.completed_key_digests(manifest)
+    assert len(done) == 3 and list(done) == sorted(done)
+    probe = m.key_digests(["x/1.jpg", "x/2.jpg", "x/3.jpg", "x/4.jpg", "ünï/ ✓.jpg"])
+    assert m.contains(done, probe).tolist() == [True, True, True, False, False]
+    assert m.contains(np.empty(0, "S16"), probe).tolist() == [False] * 5
+
+
+def test_unreadable_part_is_ignored_by_resume(tmp_path):
+    manifest = str(tmp_path / "manifest")
+    m.write_part(manifest, "good", m.rows_to_table(rows(["a.jpg"], ["ok"])))
+    bad = tmp_path / "manifest" / "run_id=crashed" / "part-000.parquet"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"PAR1 this is not a parquet file")
+    assert m.contains(m.completed_key_digests(manifest), m.key_digests(["a.jpg"])).tolist() == [True]
+    assert len(m.completed_key_digests(str(tmp_path / "nothing here"))) == 0
+
+
+def test_summary_and_readers(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    pd = pytest.importorskip("pandas")
+    manifest = str(tmp_path / "manifest")
+    m.write_part(manifest, "r1", m.rows_to_table(rows(["a.jpg", "b.jpg"], ["ok", "error"])))
+    path = m.write_summary(manifest, "r1", {"counts": {"ok": 1, "error": 1, "skipped": 0}})
+    assert json.loads(open(path).read())["counts"]["ok"] == 1
+    (tmp_path / "manifest" / "run_id=r1" / m.CONFIG_FILE).write_text("{}")
+    # _SUCCESS.json and _config.json sit beside the parts; readers skip names starting with "_".
+    frame = pd.read_parquet(manifest)
+    assert sorted(frame.input_key) == ["a.jpg", "b.jpg"] and set(frame.run_id) == {"r1"}
+    got = duckdb.sql(
+        f"select input_key, status, run_id from read_parquet('{manifest}/*/*.parquet', hive_partitioning=true) order by 1"
+    ).fetchall()
+    assert got == [("a.jpg", "ok", "r1"), ("b.jpg", "error", "r1")]
