@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from model.completion import SIZE_MULTIPLE, pad_to_multiple, padded_size
-from pipeline.manifest import STATUS_OK
+from pipeline.manifest import STATUS_ERROR, STATUS_OK
 
+EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Test-only fault injection (issue #7): after this many batches the actor exits mid-batch, once
@@ -131,30 +132,69 @@ class InpaintPredictor:
             completed[i] = np.ascontiguousarray(out[j, :h, :w])
         return completed
 
+    def _complete_bucket(
+        self, images: list[np.ndarray], masks: list[np.ndarray]
+    ) -> list[np.ndarray | Exception]:
+        """One forward pass for the bucket; if it fails (out of memory, most likely), each image
+        alone, so one image the device cannot take becomes an error row instead of failing the
+        batch again on every retry."""
+        try:
+            return list(self.complete(images, masks))
+        except Exception:
+            if len(images) == 1:
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        results: list[np.ndarray | Exception] = []
+        for image, mask in zip(images, masks, strict=True):
+            try:
+                results.append(self.complete([image], [mask])[0])
+            except Exception as e:
+                results.append(e)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return results
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._maybe_crash()
         n = len(batch["input_key"])
         images, masks = batch.pop("image"), batch["mask"]
         completed = list(images)  # rows with nothing to fill pass their pixels through
         inference_s = np.zeros(n, dtype=np.float32)
+        status = batch["status"].astype(object)  # the batch's own arrays may be read-only views
+        error_type = batch["error_type"].astype(object)
+        error_message = batch["error_message"].astype(object)
 
         buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i in range(n):
-            if batch["status"][i] == STATUS_OK and batch["hole_fraction"][i] > 0:
+            if status[i] == STATUS_OK and batch["hole_fraction"][i] > 0:
                 buckets[padded_size(*images[i].shape[:2], SIZE_MULTIPLE)].append(i)
         for idx in buckets.values():
             start = time.perf_counter()
-            outputs = self.complete([images[i] for i in idx], [masks[i] for i in idx])
+            try:
+                outputs = self._complete_bucket([images[i] for i in idx], [masks[i] for i in idx])
+            except Exception as e:
+                outputs = [e]
             elapsed = (time.perf_counter() - start) / len(idx)
             for i, out in zip(idx, outputs, strict=True):
-                completed[i] = out
                 inference_s[i] = elapsed
+                if isinstance(out, Exception):
+                    status[i], error_type[i] = STATUS_ERROR, "inference_failed"
+                    error_message[i] = f"{type(out).__name__}: {out}"[:2000]
+                    completed[i] = EMPTY_IMAGE
+                else:
+                    completed[i] = out
         self.batches += 1
 
-        batch["completed"] = completed
-        batch["inference_s"] = inference_s
-        batch["checkpoint_id"] = np.full(n, self.checkpoint_id, dtype=object)
-        batch["node_id"] = np.full(n, self.node_id, dtype=object)
-        batch["inference_worker"] = np.full(n, self.worker, dtype=object)
-        batch["gpu_id"] = np.full(n, self.gpu_id, dtype=object)
+        batch.update(
+            status=status,
+            error_type=error_type,
+            error_message=error_message,
+            completed=completed,
+            inference_s=inference_s,
+            checkpoint_id=np.full(n, self.checkpoint_id, dtype=object),
+            node_id=np.full(n, self.node_id, dtype=object),
+            inference_worker=np.full(n, self.worker, dtype=object),
+            gpu_id=np.full(n, self.gpu_id, dtype=object),
+        )
         return batch

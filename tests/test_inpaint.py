@@ -267,9 +267,8 @@ def test_s3_prefix_and_list_file(ray_local, s3_prefix, photos, checkpoint, tmp_p
     good = good_inputs(photos)
     picked = ["a/photo 1.jpg", "a/odd size.png", "c/ünïcødé ✓/sky 雲.webp"]
     files = {f"imgs/{k}": good[k] for k in picked}
-    listing = (
-        "\n".join([*picked, "../escape.jpg", "a/never uploaded.jpg", "", "# comments are ignored"]) + "\n"
-    )
+    lines = [*picked, "../escape.jpg", "a/never uploaded.jpg", "", "# comments are ignored", picked[0]]
+    listing = "\n".join(lines) + "\n"
     files["imgs/list.txt"] = listing.encode()
     write_tree(s3_prefix, files)
     s3_ckpt = f"{s3_prefix}/ckpt"
@@ -284,9 +283,13 @@ def test_s3_prefix_and_list_file(ray_local, s3_prefix, photos, checkpoint, tmp_p
         mask_generator="freeform", mask_seed=7, batch_size=2,
     )  # fmt: skip
     summary = run(config)
-    assert summary["counts"] == {"ok": 3, "error": 2, "skipped": 0}
     table = read_manifest(f"{s3_prefix}/out/_manifest", summary["run_id"])
-    rows = {r["input_key"]: r for r in table.to_pylist()}
+    assert summary["counts"] == {"ok": 3, "error": 3, "skipped": 0}, table.select(
+        ["input_key", "status", "error_type"]
+    ).to_pylist()
+    duplicate = [r for r in table.to_pylist() if r["error_type"] == "duplicate_key"]
+    assert [r["input_key"] for r in duplicate] == [picked[0]]
+    rows = {r["input_key"]: r for r in table.to_pylist() if r["error_type"] != "duplicate_key"}
     assert rows["../escape.jpg"]["error_type"] == "unsafe_key"
     assert rows["a/never uploaded.jpg"]["error_type"] == "not_found"
     for key in picked:
@@ -322,6 +325,23 @@ def test_precision_channels_last_and_size_buckets(ray_local, checkpoint, photos)
         assert out.shape == image.shape
         assert np.abs(out.astype(int) - alone.astype(int)).max() <= 1
         np.testing.assert_array_equal(out[mask == 0], image[mask == 0])
+
+    # An image the network cannot take (here: a mask of the wrong shape) fails alone, as a row.
+    n = len(images) + 1
+    batch = {
+        "input_key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "status": np.array(["ok"] * n, dtype=object),
+        "error_type": np.array([""] * n, dtype=object),
+        "error_message": np.array([""] * n, dtype=object),
+        "hole_fraction": np.full(n, 0.2, np.float32),
+        "image": [*images, images[0]],
+        "mask": [*masks, masks[0][:40]],
+    }
+    out = fp32(batch)
+    assert list(out["status"]) == ["ok"] * len(images) + ["error"]
+    assert out["error_type"][-1] == "inference_failed" and out["error_message"][-1]
+    for got, expected in zip(out["completed"], together, strict=False):
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
     for kwargs, tolerance in (({"channels_last": True}, 1), ({"precision": "bf16"}, 12)):
         other = InpaintPredictor(checkpoint, **kwargs).complete(images, masks)
