@@ -161,3 +161,33 @@ def with_retries(
             delay = min(max_delay, base_delay * (2**attempt))
             time.sleep(delay * (0.5 + random.random() / 2))
     raise AssertionError("unreachable")
+
+
+def pyarrow_filesystem(uri: str, endpoint_url: str | None = None):
+    """``(pyarrow filesystem, path)`` for libraries that take pyarrow filesystems (Ray Train's
+    ``RunConfig(storage_filesystem=...)``, Ray Data readers).
+
+    AWS S3 itself gets a native ``pyarrow.fs.S3FileSystem``. An S3-compatible endpoint (SeaweedFS,
+    MinIO, ...) gets this module's s3fs filesystem wrapped for pyarrow instead: pyarrow's AWS SDK
+    sends CRC checksums with every multipart part by default, which such servers reject as
+    INVALID_ACCESS_KEY_ID unless every process sets AWS_REQUEST_CHECKSUM_CALCULATION=when_required.
+    Either way credentials are left to the client's own AWS resolution (environment, profiles,
+    instance roles), so they are never captured in the object that Ray pickles.
+    """
+    from pyarrow import fs as pafs
+
+    proto = protocol_of(uri)
+    if proto in ("s3", "s3a") and not (endpoint_url or endpoint_url_from_env()):
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        s3 = pafs.S3FileSystem(region=region) if region else pafs.S3FileSystem()
+        return s3, uri.split("://", 1)[1].rstrip("/")
+    if proto == "file":
+        path = uri.split("://", 1)[1] if "://" in uri else uri
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    # A private instance without a listings cache: Ray Train decides whether a checkpoint path
+    # is a directory from listings, and a cached listing from before the upload says it is not.
+    options = {**storage_options_for(uri, endpoint_url), "skip_instance_cache": True}
+    if proto in ("s3", "s3a"):
+        options["use_listings_cache"] = False
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")

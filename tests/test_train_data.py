@@ -1,0 +1,69 @@
+"""Training data: the validation split, crops, seeded masks, the distributed mean pixel."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline import train_data
+
+
+def test_validation_split_is_stable_disjoint_and_survives_new_images():
+    uris = [f"s3://b/img/{i:03d}.jpg" for i in range(200)]
+    train, val = train_data.split_validation(uris, 0.1, seed=7)
+    assert 8 <= len(val) <= 35 and set(train).isdisjoint(val) and sorted(train + val) == sorted(uris)
+    assert train_data.split_validation(uris, 0.1, seed=7) == (train, val)
+    # Adding images never moves an old one from validation into training.
+    more = uris + [f"s3://b/img/new{i}.jpg" for i in range(50)]
+    train_more, val_more = train_data.split_validation(more, 0.1, seed=7)
+    assert set(val) <= set(val_more) and set(train) <= set(train_more)
+    assert train_data.split_validation(uris[:2], 0.01, seed=0)[1]  # at least one held out
+    with pytest.raises(ValueError):
+        train_data.split_validation(uris, 1.0, seed=0)
+
+
+def test_crops_are_training_size_and_validation_view_is_deterministic(photos):
+    rng = np.random.default_rng(0)
+    crops = [train_data.scale_and_crop(photos[0], 48, rng) for _ in range(5)]
+    assert all(c.shape == (48, 48, 3) and c.dtype == np.uint8 for c in crops)
+    assert len({c.tobytes() for c in crops}) > 1  # random scale and position
+    tiny = np.zeros((10, 7, 3), np.uint8)
+    assert train_data.scale_and_crop(tiny, 48, rng).shape == (48, 48, 3)
+    a = train_data.scale_and_crop(photos[0], 48, None)
+    assert np.array_equal(a, train_data.scale_and_crop(photos[0], 48, None))
+
+
+def test_masks_are_a_function_of_seed_key_and_step():
+    kwargs = dict(seed=3, image_size=32, local_size=16, hole_range=(4, 12))
+    m1, b1 = train_data.batch_masks(["a", "b"], step=5, **kwargs)
+    m2, b2 = train_data.batch_masks(["a", "b"], step=5, **kwargs)
+    m3, _ = train_data.batch_masks(["a", "b"], step=6, **kwargs)
+    assert np.array_equal(m1, m2) and np.array_equal(b1, b2) and not np.array_equal(m1, m3)
+    assert m1.shape == (2, 1, 32, 32) and set(np.unique(m1)) == {0.0, 1.0}
+    for mask, (y, x, h, w) in zip(m1[:, 0], b1, strict=True):
+        assert h == w == 16 and mask.sum() == mask[y : y + h, x : x + w].sum()  # hole inside the box
+
+
+def test_mean_pixel_matches_a_direct_computation_and_skips_bad_files(
+    ray_local, photo_paths, photos, tmp_path
+):
+    for p in photo_paths[:3]:
+        shutil.copy(p, tmp_path / p.name)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
+    uris = train_data.list_images(str(tmp_path))
+    assert len(uris) == 4
+    expected = np.concatenate([p.reshape(-1, 3) for p in photos[:3]]).astype(np.float64).mean(0) / 255
+    assert np.allclose(train_data.mean_pixel(uris), expected, atol=1e-6)
+    val = train_data.validation_arrays(uris, str(tmp_path), 32)
+    assert list(val["key"]) == sorted(p.name for p in photo_paths[:3])  # the broken file is dropped
+    assert val["image"].shape == (3, 32, 32, 3)
+
+
+def test_listing_an_empty_prefix_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(train_data.NoImagesError, match="no image files"):
+        train_data.list_images(str(tmp_path))
+    with pytest.raises(train_data.NoImagesError, match="no such prefix"):
+        train_data.list_images(str(tmp_path / "missing"))
