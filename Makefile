@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-fast test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo
+
+# The CI variant of the demo: the same steps with a tiny network and schedule (about 2 minutes).
+demo-fast: $(STAMP)
+	$(BIN)/python -m jobs.demo --fast
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
