@@ -395,7 +395,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     if not on_gpu:
-        torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+        # Ray sets OMP_NUM_THREADS=1 for fractional CPUs; use what the worker was given, rounded up.
+        torch.set_num_threads(max(1, math.ceil(config.cpus_per_worker)))
+    if config.precision == "bf16" and not on_gpu and rank == 0:
+        print("precision=bf16 applies on GPU only; this CPU worker trains in fp32")
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
