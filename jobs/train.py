@@ -423,6 +423,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loaded.restore_optimizer("generator", opt_g)
         loaded.restore_optimizer("discriminator", opt_d)
         start_step = int(loaded.config.step)
+        # The weights were trained against this mean; keep it even if the images changed since.
+        mean_pixel = tuple(loaded.config.mean_pixel)
         best_l1 = float(loaded.config.extra.get("best_val_hole_l1", math.inf))
         print(f"[rank {rank}] resumed from step {start_step} (phase {config.phase(start_step)})")
 
@@ -485,6 +487,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     config.alpha,
                 )
                 last = {"loss_mse": mse, "loss_adv": adversarial, "loss_d": loss_d}
+        if not all(math.isfinite(v) for v in last.values()):
+            # Stop rather than checkpoint NaN weights over the last good ones.
+            raise FloatingPointError(
+                f"non-finite loss at step {step} (phase {phase}): {last}; lower the learning rates"
+            )
         window_steps += 1
         done = step + 1  # steps completed: what a checkpoint taken now records
         _maybe_kill(KILL_AT_STEP_ENV, done)
