@@ -23,6 +23,16 @@ from pipeline.train_data import batch_masks, scale_and_crop
 MEAN = (0.4, 0.4, 0.4)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on the shared 2-CPU CI machine OpenMP
+    threads spin-waiting for a busy core make them several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _batch(n=4, size=32, local=16, seed=0):
     images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
     masks, boxes = batch_masks([f"k{i}" for i in range(n)], step=0, seed=seed, image_size=size,
