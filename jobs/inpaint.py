@@ -6,11 +6,14 @@
 The Ray Data pipeline, one operator per stage (each visible in the dashboard and in the progress
 bars with its rows/s)::
 
-    list_images -> read_decode -> InpaintPredictor (actor pool) -> encode_write -> write_manifest
+    list_images -> read_decode -> InpaintPredictor (actor pool) -> encode_write
 
-Listing streams pages of keys from one task, so the driver never holds the key set; only small
-per-image status rows come back to the driver, which counts them. Every image ends as exactly
-one manifest row of this run (``pipeline/manifest.py``).
+and the driver writes the manifest from the small result rows (``pipeline.manifest.ManifestWriter``).
+
+Listing streams pages of keys from one task, so the driver never holds the key set; only the
+small per-image result rows (no pixels) come back to the driver, which counts them and writes
+them as manifest parts of ``--manifest-rows-per-part`` rows (or every ``--manifest-flush-s``).
+Every image ends as exactly one manifest row of this run (``pipeline/manifest.py``).
 
 Resuming (``--skip-existing true``, the default): a task reads every earlier run's manifest and
 builds a compact index of the keys already completed; read tasks consult it per image and write
@@ -31,12 +34,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
+import numpy as np
+
 from jobs.config import parse_config, print_config, save_config, to_dict
 from pipeline import manifest as manifest_lib
 from pipeline import storage
 from pipeline.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("glcic.inpaint")
+
+KEY_ROW_BYTES = 256  # a listed row (key + URI), for sizing blocks of keys
 
 
 @dataclass
@@ -65,7 +72,8 @@ class InpaintConfig:
     endpoint_url: str | None = field(default=None, metadata={"help": "S3-compatible endpoint (default: GLCIC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)"})  # fmt: skip
     run_id: str | None = field(default=None, metadata={"help": "this run's id (a fresh one by default; must not exist under the manifest yet)"})  # fmt: skip
     limit: int | None = field(default=None, metadata={"help": "process at most this many listed images"})
-    manifest_rows_per_part: int = field(default=1024, metadata={"help": "rows per manifest Parquet file"})
+    manifest_rows_per_part: int = field(default=4096, metadata={"help": "rows per manifest Parquet file"})
+    manifest_flush_s: float = field(default=30.0, metadata={"help": "write a manifest part at least this often (seconds), full or not"})  # fmt: skip
     log_every_s: float = field(
         default=10.0, metadata={"help": "seconds between progress lines in the job log"}
     )
@@ -112,23 +120,9 @@ def actor_resources(config: InpaintConfig, cluster: dict) -> tuple[int, float, f
 def check_checkpoint(config: InpaintConfig) -> None:
     """Fail before any work if the checkpoint is not complete (its config.json is written last)."""
     fs, root = storage.filesystem(config.checkpoint, config.endpoint_url)
+    fs.invalidate_cache()
     if not fs.exists(storage.join_key(root, "config.json")):
         raise FileNotFoundError(f"no complete checkpoint at {config.checkpoint!r} (config.json missing)")
-
-
-def write_manifest(batch, *, manifest: str, run_id: str, endpoint_url: str | None = None):
-    """WriteManifest stage: one Parquet part per batch; returns only what the driver counts."""
-    table = manifest_lib.rows_to_table(batch)
-    manifest_lib.write_part(manifest, run_id, table, endpoint_url)
-    return {
-        "status": batch["status"],
-        "error_type": batch["error_type"],
-        "checkpoint_id": batch["checkpoint_id"],
-        "read_s": batch["read_s"],
-        "decode_s": batch["decode_s"],
-        "inference_s": batch["inference_s"],
-        "write_s": batch["write_s"],
-    }
 
 
 def build_dataset(config: InpaintConfig, run_id: str, index_ref):
@@ -142,6 +136,12 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
     num_actors, num_gpus, num_cpus = actor_resources(config, ray.cluster_resources())
     task_cpus = config.num_cpus_per_task
     ds = ray.data.from_items([{"source": config.images}])
+    # Blocks of about one batch of keys. Ray Data merges a task's output into blocks of up to 128 MiB
+    # by default, which would put a whole listing (tiny rows) into one block, and so into one read
+    # task and one actor. Decoded images are bigger than this, so they travel one per block and
+    # each stage bundles batch_size of them. (A streaming repartition would also split the keys,
+    # but its one-CPU task waits, backpressured, for the whole run and starves a small cluster.)
+    ds.context.target_max_block_size = config.batch_size * KEY_ROW_BYTES
     ds = ds.map_batches(
         list_images,
         batch_size=1,
@@ -153,9 +153,6 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
     )
     if config.limit is not None:
         ds = ds.limit(config.limit)
-    # One block of keys per inference batch: map outputs are otherwise merged into blocks of up to
-    # 128 MiB, and one block goes to one read task and one actor whole.
-    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     read_options = ReadOptions(
         output=config.output,
         masks=config.masks,
@@ -195,12 +192,6 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
     ds = ds.map_batches(
         encode_write, batch_size=config.batch_size, num_cpus=task_cpus, fn_kwargs={"options": write_options}
     )
-    ds = ds.map_batches(
-        write_manifest,
-        batch_size=config.manifest_rows_per_part,
-        num_cpus=min(0.25, task_cpus),
-        fn_kwargs={"manifest": manifest, "run_id": run_id, "endpoint_url": config.endpoint_url},
-    )
     return ds
 
 
@@ -228,30 +219,36 @@ def run(config: InpaintConfig) -> dict:
         index_ref = ray.remote(num_cpus=0.25)(manifest_lib.completed_key_digests).remote(
             manifest, config.endpoint_url
         )
+        # Wait (without fetching it here) before the pipeline takes every CPU: a read task blocked
+        # on an index task that cannot be scheduled would deadlock a small cluster.
+        ray.wait([index_ref], fetch_local=False)
     ds = build_dataset(config, run_id, index_ref)
 
+    writer = manifest_lib.ManifestWriter(
+        manifest, run_id, config.manifest_rows_per_part, config.manifest_flush_s, config.endpoint_url
+    )
     counts: Counter = Counter()
     error_types: Counter = Counter()
     stage_s: Counter = Counter()
     checkpoint_ids: set[str] = set()
     last_log = started
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        counts.update(batch.column("status").to_pylist())
-        error_types.update(t for t in batch.column("error_type").to_pylist() if t)  # "" when none
-        checkpoint_ids.update(c for c in batch.column("checkpoint_id").unique().to_pylist() if c)
+    # Rows arrive only after their outputs are written (encode_write), so a part never says ok
+    # for an object that is not there.
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        writer.add(manifest_lib.rows_to_table(batch))
+        counts.update(batch["status"].tolist())
+        error_types.update(t for t in batch["error_type"].tolist() if t)  # "" when none
+        checkpoint_ids.update(c for c in set(batch["checkpoint_id"].tolist()) if c)
         for name in ("read_s", "decode_s", "inference_s", "write_s"):
-            stage_s[name] += float(batch.column(name).to_numpy(zero_copy_only=False).sum())
+            stage_s[name] += float(np.sum(batch[name]))
         now = time.time()
         if now - last_log >= config.log_every_s:
             done = sum(counts.values())
             log.warning(
-                "inpaint %s: %d images (%s), %.1f images/s",
-                run_id,
-                done,
-                dict(counts),
-                done / (now - started),
+                "inpaint %s: %d images %s, %.1f images/s", run_id, done, dict(counts), done / (now - started)
             )
             last_log = now
+    writer.flush()
 
     wall = time.time() - started
     total = sum(counts.values())

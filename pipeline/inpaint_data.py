@@ -74,6 +74,7 @@ def iter_entries(
 ) -> Iterator[tuple[str, str]]:
     """``(relative key, URI)`` of every input under ``source``, a prefix or a list file."""
     fs, root = storage.filesystem(source, endpoint_url)
+    fs.invalidate_cache()  # listings are cached per filesystem instance, shared in a process
     if is_list_file(fs, root):
         list_dir = source.rstrip("/").rsplit("/", 1)[0] if "/" in source.rstrip("/") else "."
         # A key listed twice is done once: later copies get an empty URI (a ``duplicate_key`` row).

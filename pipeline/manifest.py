@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import posixpath
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -121,7 +122,54 @@ def write_part(manifest: str, run_id: str, table: pa.Table, endpoint_url: str | 
     return path
 
 
+class ManifestWriter:
+    """Buffers a run's result rows and writes them as Parquet parts of ``rows_per_part`` rows, or
+    sooner once ``flush_s`` seconds have passed, so a slow run records its progress too.
+
+    The job's driver feeds it the rows that come out of the pipeline (they are small: no pixels),
+    so part writes never compete with the pipeline's tasks for a cluster's CPUs.
+    """
+
+    def __init__(
+        self,
+        manifest: str,
+        run_id: str,
+        rows_per_part: int = 1024,
+        flush_s: float = 30.0,
+        endpoint_url: str | None = None,
+    ):
+        self.manifest, self.run_id, self.endpoint_url = manifest, run_id, endpoint_url
+        self.rows_per_part, self.flush_s = rows_per_part, flush_s
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.last_flush = time.monotonic()
+        self.parts_written = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows_per_part:
+            self._write(self.rows_per_part)
+        if self.pending_rows and time.monotonic() - self.last_flush >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending_rows:
+            self._write(self.pending_rows)
+
+    def _write(self, rows: int) -> None:
+        table = pa.concat_tables(self.pending)
+        write_part(self.manifest, self.run_id, table.slice(0, rows), self.endpoint_url)
+        rest = table.slice(rows)
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        self.last_flush = time.monotonic()
+        self.parts_written += 1
+
+
 def _part_paths(fs, root: str) -> list[str]:
+    # fsspec caches listings per filesystem instance, and instances are shared within a process:
+    # a worker that listed this prefix during an earlier run would not see that run's parts.
+    fs.invalidate_cache()
     try:
         runs = fs.ls(root, detail=False)
     except FileNotFoundError:
@@ -142,6 +190,7 @@ def _part_paths(fs, root: str) -> list[str]:
 
 def run_exists(manifest: str, run_id: str, endpoint_url: str | None = None) -> bool:
     fs, path = storage.filesystem(run_prefix(manifest, run_id), endpoint_url)
+    fs.invalidate_cache()
     return bool(fs.exists(path))
 
 
