@@ -156,7 +156,7 @@ INPAINT = JobSpec(
     summary="Complete every masked image under a prefix with Ray Data actors and write a Parquet manifest.",
     example=(
         "glcic submit-inpaint --address http://127.0.0.1:8265 --images s3://photos/in "
-        "--masks s3://photos/masks --output s3://photos/out --checkpoint s3://models/glcic/final --wait"
+        "--masks s3://photos/masks --output s3://photos/out --checkpoint s3://models/glcic --wait"
     ),
     inputs=("images", "masks"),
     checkpoints=("checkpoint",),
@@ -167,17 +167,17 @@ INPAINT = JobSpec(
 # Flags from a config dataclass.
 
 
-def _base_type(tp: Any) -> tuple[Any, bool]:
-    """``int | None`` -> ``(int, True)``; anything else -> ``(tp, False)``."""
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> ``int``; anything else stays as it is."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else str), True
-    return tp, False
+        return args[0] if len(args) == 1 else str
+    return tp
 
 
 def _field_option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any, Callable[[Any], Any]]:
     """Typer annotation, default and converter (flag value -> field value) for one field."""
-    tp, _ = _base_type(hint)
+    tp = _base_type(hint)
     help_text = f.metadata.get("help", "")
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     default = inspect.Parameter.empty if required else (
@@ -331,11 +331,26 @@ def _storage_error(flag: str, uri: str, e: Exception) -> CliError:
     return CliError(f"{flag} {uri!r}: storage unreachable ({name}: {text})")
 
 
+def _holds_objects(fs, path: str) -> bool:
+    """Whether ``path`` is an object (a list file) or a prefix with at least one object under it.
+
+    One small request on S3 (``MaxKeys=1``): an input prefix may hold millions of objects.
+    """
+    if hasattr(fs, "call_s3") and hasattr(fs, "split_path"):
+        bucket, key, _ = fs.split_path(path)
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        listed = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        return bool(listed.get("KeyCount")) or fs.isfile(path)
+    if fs.isfile(path):
+        return True
+    return fs.isdir(path) and next(iter(fs.find(path, withdirs=False)), None) is not None
+
+
 def check_input(flag: str, uri: str, endpoint_url: str | None) -> None:
     """An input is a prefix holding objects, or a single object (a list file)."""
     fs, path = _quick_filesystem(uri, endpoint_url)
     try:
-        found = fs.isfile(path) or (fs.isdir(path) and bool(fs.find(path, withdirs=False)))
+        found = _holds_objects(fs, path)
     except (FileNotFoundError, NotADirectoryError):
         found = False
     except Exception as e:
@@ -406,6 +421,9 @@ def job_client(address: str | None):
         raise CliError(
             "no Ray cluster: pass --address http://HEAD:8265 or set RAY_ADDRESS (or use --local)", EXIT_USAGE
         )
+    if "://" not in address and address != "auto":
+        # A bare host:port means the dashboard here; Ray would take it for the GCS and hang a minute.
+        address = f"http://{address}"
     try:
         return JobSubmissionClient(address, headers=ray_auth_headers())
     except Exception as e:  # ConnectionError, ValueError for a malformed address, ...

@@ -1,7 +1,8 @@
 """The glcic CLI against a real local Ray head (`ray start --head`, stopped after) and a real S3 server.
 
-Commands run as a user runs them: the console script in a subprocess, its exit code and its
-stderr checked. One head serves the whole module.
+Submitting runs as a user runs it: the console script in a subprocess, its exit code and stderr
+checked. The quick commands (status, logs, list, stop) and most error lines run the same typer
+app in this process, which spares a torch import per call. One head serves the whole module.
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ def glcic(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -
     return subprocess.run(
         [*GLCIC, *args], env=full_env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
+
+
+def glcic_here(*args: str) -> subprocess.CompletedProcess:
+    """The same app in this process, with the same client-only secret."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    result = CliRunner().invoke(
+        app, list(args), env={"AWS_SECRET_ACCESS_KEY": CLIENT_SECRET, "RAY_ADDRESS": None}
+    )
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -99,60 +112,62 @@ def test_every_flag_has_help_and_every_command_an_example():
 @pytest.mark.parametrize(
     "args, exit_code, words",
     [
-        (
-            ["submit-inpaint", "--images", "notaproto://x", "--output", "/tmp/o", "--checkpoint", "/tmp/c"],
-            2,
-            ["notaproto"],
-        ),
+        (["submit-inpaint", "--images", "notaproto://x", "--output", "o", "--checkpoint", "c"], 2, ["notaproto"]),
         (["submit-inpaint", "--images", "s3://test/x", "--output", "s3://test/o"], 2, ["--checkpoint"]),
-        (
-            [
-                "submit-train",
-                "--images",
-                "s3://test/x",
-                "--output",
-                "s3://test/m",
-                "--tc",
-                "10",
-                "--t-train",
-                "5",
-            ],
-            2,
-            ["t_train"],
-        ),
-        (
-            ["submit-train", "--images", "s3://test/x", "--output", "s3://test/m", "--no-such-flag"],
-            2,
-            ["--no-such-flag"],
-        ),
+        (["submit-train", "--images", "s3://test/x", "--output", "s3://m", "--tc", "10", "--t-train", "5"], 2,
+         ["t_train"]),
+        (["submit-train", "--images", "s3://test/x", "--output", "s3://m", "--no-such-flag"], 2, ["--no-such-flag"]),
+        (["submit-train", "--images", "s3://test/x", "--output", "s3://m", "--width", "wide"], 2, ["--width"]),
         (["status", "raysubmit_x", "--address", "http://127.0.0.1:1"], 1, ["cannot reach", "127.0.0.1:1"]),
         (["list"], 2, ["--address", "RAY_ADDRESS"]),
     ],
-    ids=["bad-protocol", "missing-flag", "bad-schedule", "unknown-flag", "unreachable-cluster", "no-address"],
-)
+    ids=["bad-protocol", "missing-flag", "bad-schedule", "unknown-flag", "bad-number", "unreachable-cluster",
+         "no-address"],
+)  # fmt: skip
 def test_bad_arguments_give_one_clear_line(args, exit_code, words):
-    result = glcic(*args, timeout=60)
+    result = glcic_here(*args)
     line = one_error_line(result)
     assert result.returncode == exit_code, result.stderr
     for word in words:
         assert word in line
 
 
+def test_the_console_script_reports_one_line_too():
+    result = glcic("submit-inpaint", "--images", "notaproto://x", "--output", "o", "--checkpoint", "c")
+    assert result.returncode == 2
+    assert "unknown storage protocol 'notaproto'" in one_error_line(result)
+    result = glcic("list", "--address", "127.0.0.1:1")  # a bare host:port is the dashboard
+    assert result.returncode == 1
+    assert "cannot reach the Ray cluster at http://127.0.0.1:1" in one_error_line(result)
+
+
 def test_unreachable_cluster_on_submit_is_one_line(inputs):
-    result = glcic(
-        "submit-inpaint", *inpaint_flags(inputs, "s3://test/cli/unused"), "--address", "http://127.0.0.1:1"
+    result = glcic_here(
+        "submit-inpaint", *inpaint_flags(inputs, "s3://test/cli/o0"), "--address", "http://127.0.0.1:1"
     )
     assert result.returncode == 1
     assert "cannot reach the Ray cluster at http://127.0.0.1:1" in one_error_line(result)
 
 
 def test_missing_inputs_and_checkpoint_are_refused_before_submitting(head, inputs):
-    missing_ckpt = glcic("submit-inpaint", *inpaint_flags(inputs, "s3://test/cli/o1"), "--checkpoint",
-                         "s3://test/cli/no-model", "--address", head.address)  # fmt: skip
+    missing_ckpt = glcic_here(
+        "submit-inpaint",
+        *inpaint_flags(inputs, "s3://test/cli/o1"),
+        "--checkpoint",
+        "s3://test/cli/no-model",
+        "--address",
+        head.address,
+    )
     assert missing_ckpt.returncode == 2
     assert "no checkpoint" in one_error_line(missing_ckpt)
-    empty_images = glcic("submit-inpaint", *inpaint_flags(inputs, "s3://test/cli/o2"), "--images",
-                         "s3://test/cli/nothing-here", "--address", head.address)  # fmt: skip
+    empty_images = glcic_here(
+        "submit-inpaint",
+        *inpaint_flags(inputs, "s3://test/cli/o2"),
+        "--images",
+        "s3://test/cli/nothing-here",
+        "--address",
+        head.address,
+    )
     assert empty_images.returncode == 2
     assert "nothing-here" in one_error_line(empty_images)
     assert "submitted" not in missing_ckpt.stdout + empty_images.stdout
@@ -160,20 +175,46 @@ def test_missing_inputs_and_checkpoint_are_refused_before_submitting(head, input
 
 def test_no_credentials_is_one_line(s3_server, inputs, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(HOME=str(tmp_path), AWS_CONFIG_FILE=str(tmp_path / "none"),
-               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
-    result = subprocess.run([*GLCIC, "submit-inpaint", *inpaint_flags(inputs, "s3://test/cli/o3"), "--address",
-                             "http://127.0.0.1:1"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    env.update(
+        HOME=str(tmp_path),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    result = subprocess.run(
+        [
+            *GLCIC,
+            "submit-inpaint",
+            *inpaint_flags(inputs, "s3://test/cli/o3"),
+            "--address",
+            "http://127.0.0.1:1",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "no AWS credentials" in one_error_line(result)
 
 
 def test_submit_wait_status_logs_list(head, inputs, s3_server):
+    from ray.job_submission import JobSubmissionClient
+
+    from jobs.cli import ray_auth_headers
     from pipeline.manifest import read_manifest
 
     out = "s3://test/cli/completed"
-    result = glcic("submit-inpaint", *inpaint_flags(inputs, out), "--job-id", "cli-inpaint", "--address",
-                   head.address, "--wait")  # fmt: skip
+    result = glcic(
+        "submit-inpaint",
+        *inpaint_flags(inputs, out),
+        "--job-id",
+        "cli-inpaint",
+        "--address",
+        head.address,
+        "--wait",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "submitted inpaint job cli-inpaint" in result.stdout
     assert f"{head.address}/#/jobs/cli-inpaint" in result.stdout
@@ -189,21 +230,17 @@ def test_submit_wait_status_logs_list(head, inputs, s3_server):
     saved = json.loads(fs.cat_file(f"{out}/_manifest/run_id={run_id}/_config.json"))
     assert saved["checkpoint"] == f"{inputs}/model"  # the config, saved beside the outputs
 
-    status = glcic("status", "cli-inpaint", "--address", head.address)
+    status = glcic_here("status", "cli-inpaint", "--address", head.address)
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "inpaint" in status.stdout
-    logs = glcic("logs", "cli-inpaint", "--address", head.address)
+    logs = glcic_here("logs", "cli-inpaint", "--address", head.address)
     assert logs.returncode == 0 and "InpaintConfig" in logs.stdout and "2 images" in logs.stdout
-    listing = glcic("list", "--address", head.address)
+    listing = glcic_here("list", "--address", head.address)
     assert listing.returncode == 0
     assert any(
         line.startswith("cli-inpaint ") and "SUCCEEDED" in line for line in listing.stdout.splitlines()
     )
 
     # The client's secret stays with the client: not in the job's runtime_env, entrypoint or logs.
-    from ray.job_submission import JobSubmissionClient
-
-    from jobs.cli import ray_auth_headers
-
     info = JobSubmissionClient(head.address, headers=ray_auth_headers()).get_job_info("cli-inpaint")
     shipped = json.dumps(info.runtime_env) + info.entrypoint
     assert "GLCIC_S3_ENDPOINT_URL" in shipped
@@ -212,31 +249,64 @@ def test_submit_wait_status_logs_list(head, inputs, s3_server):
 
 def test_a_failing_job_exits_non_zero(head, inputs):
     # --no-preflight lets the missing checkpoint through to the job, which must fail.
-    result = glcic("submit-inpaint", *inpaint_flags(inputs, "s3://test/cli/o4"), "--checkpoint",
-                   "s3://test/cli/no-model", "--no-preflight", "--job-id", "cli-fails", "--address",
-                   head.address, "--wait")  # fmt: skip
+    result = glcic(
+        "submit-inpaint",
+        *inpaint_flags(inputs, "s3://test/cli/o4"),
+        "--checkpoint",
+        "s3://test/cli/no-model",
+        "--no-preflight",
+        "--job-id",
+        "cli-fails",
+        "--address",
+        head.address,
+        "--wait",
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: job cli-fails FAILED"
     assert "no complete checkpoint" in result.stdout  # the job's own error, followed in its logs
-    follow = glcic("logs", "cli-fails", "--follow", "--address", head.address)
-    assert follow.returncode == 1 and "FAILED" in follow.stderr
+    follow = glcic_here("logs", "cli-fails", "--follow", "--address", head.address)
+    assert follow.returncode == 1 and "error: job cli-fails FAILED" in follow.stderr
 
 
-def test_stop_a_running_job(head, s3_server, inputs):
-    result = glcic("submit-train", "--images", f"{inputs}/photos", "--output", "s3://test/cli/long-model",
-                   "--width", "0.125", "--image-size", "32", "--local-size", "16", "--hole-min", "4",
-                   "--hole-max", "8", "--batch-size", "2", "--tc", "100000", "--td", "1", "--t-train", "200000",
-                   "--job-id", "cli-long", "--address", head.address)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "glcic logs cli-long --follow" in result.stdout
-    stopped = glcic("stop", "cli-long", "--wait", "--address", head.address)
+def test_stop_a_running_job(head, inputs):
+    submitted = glcic_here(
+        "submit-train",
+        "--images",
+        f"{inputs}/photos",
+        "--output",
+        "s3://test/cli/long-model",
+        "--width",
+        "0.125",
+        "--image-size",
+        "32",
+        "--local-size",
+        "16",
+        "--hole-min",
+        "4",
+        "--hole-max",
+        "8",
+        "--batch-size",
+        "2",
+        "--tc",
+        "100000",
+        "--td",
+        "1",
+        "--t-train",
+        "200000",
+        "--job-id",
+        "cli-long",
+        "--address",
+        head.address,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    assert "glcic logs cli-long --follow" in submitted.stdout
+    stopped = glcic_here("stop", "cli-long", "--wait", "--address", head.address)
     assert stopped.returncode == 0, stopped.stderr
     assert "job cli-long STOPPED" in stopped.stdout
-    status = glcic("status", "cli-long", "--address", head.address)
-    assert "STOPPED" in status.stdout
-    again = glcic("stop", "cli-long", "--address", head.address)
+    assert "STOPPED" in glcic_here("status", "cli-long", "--address", head.address).stdout
+    again = glcic_here("stop", "cli-long", "--address", head.address)
     assert again.returncode == 0 and "already ended: STOPPED" in again.stdout
-    missing = glcic("status", "no-such-job", "--address", head.address)
+    missing = glcic_here("status", "no-such-job", "--address", head.address)
     assert missing.returncode == 1 and "no job 'no-such-job'" in one_error_line(missing)
 
 
