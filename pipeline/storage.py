@@ -20,6 +20,10 @@ from typing import TypeVar
 import fsspec
 
 ENDPOINT_ENV_VARS = ("GLCIC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+# S3 client tuning, read in every process that opens a filesystem (Ray workers inherit it).
+S3_CONNECT_TIMEOUT_ENV = "GLCIC_S3_CONNECT_TIMEOUT_S"
+S3_READ_TIMEOUT_ENV = "GLCIC_S3_READ_TIMEOUT_S"
+S3_MAX_ATTEMPTS_ENV = "GLCIC_S3_MAX_ATTEMPTS"
 
 T = TypeVar("T")
 
@@ -40,6 +44,28 @@ def protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        parsed = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, not {value!r}") from None
+    if parsed <= 0:
+        raise ValueError(f"{name} must be positive, not {value!r}")
+    return parsed
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    return int(value)
+
+
 def storage_options_for(uri: str, endpoint_url: str | None = None) -> dict:
     """fsspec storage options for ``uri``; only S3 needs any (its endpoint)."""
     if protocol_of(uri) in ("s3", "s3a"):
@@ -48,8 +74,14 @@ def storage_options_for(uri: str, endpoint_url: str | None = None) -> dict:
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
         # Retries with backoff on throttling and connection errors are botocore's job; ask for more
-        # than its default so a storage hiccup of a few seconds does not fail an image.
-        opts["config_kwargs"] = {"retries": {"max_attempts": 10, "mode": "standard"}}
+        # than its default so a storage hiccup of a few seconds does not fail an image. A frozen or
+        # partitioned server accepts connections and then never answers: the timeouts turn that
+        # into an error botocore retries instead of a request that hangs.
+        opts["config_kwargs"] = {
+            "retries": {"max_attempts": _env_int(S3_MAX_ATTEMPTS_ENV, 10), "mode": "standard"},
+            "connect_timeout": _env_float(S3_CONNECT_TIMEOUT_ENV, 10.0),
+            "read_timeout": _env_float(S3_READ_TIMEOUT_ENV, 30.0),
+        }
         return opts
     return {}
 
@@ -138,18 +170,33 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return fs.cat_file(path)
 
 
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """What ``with_retries`` retries by default: OS-level errors, and botocore's connection and
+    HTTP errors, which s3fs raises as they are (a refused connection while a server restarts is a
+    ``botocore.exceptions.EndpointConnectionError``, no ``OSError``)."""
+    errors: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+    try:
+        from botocore.exceptions import ConnectionError as BotocoreConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:  # no S3 support installed: nothing of botocore's can be raised
+        return errors
+    return (*errors, BotocoreConnectionError, HTTPClientError)
+
+
 def with_retries(
     fn: Callable[[], T],
     *,
     attempts: int = 5,
     base_delay: float = 0.5,
     max_delay: float = 8.0,
-    retry_on: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError),
+    retry_on: tuple[type[BaseException], ...] | None = None,
 ) -> T:
     """Call ``fn`` and retry transient storage errors with jittered exponential backoff.
 
-    ``FileNotFoundError`` and ``PermissionError`` are not transient: they are raised at once.
+    ``retry_on`` defaults to ``transient_errors()``. ``FileNotFoundError`` and
+    ``PermissionError`` are not transient: they are raised at once.
     """
+    retry_on = retry_on or transient_errors()
     for attempt in range(attempts):
         try:
             return fn()
