@@ -129,6 +129,13 @@ class TrainConfig:
     )
     seed: int = field(default=0, metadata=_help("seed of weights, masks and the validation split"))
     endpoint_url: str | None = field(default=None, metadata=_help("S3-compatible endpoint (else from env)"))
+    min_epoch_steps: int = field(
+        default=16,
+        metadata=_help(
+            "a small training set is listed several times per epoch so an epoch is at least this many "
+            "steps (each copy gets its own random crop); 1 = each image once"
+        ),
+    )
     log_shard_keys: bool = field(
         default=False, metadata=_help("write the keys each worker read in its first epoch to <run>/shards/")
     )
@@ -154,7 +161,14 @@ class TrainConfig:
             problems.append(
                 f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})"
             )
-        for name in ("val_every", "checkpoint_every", "log_every", "keep_checkpoints", "val_limit"):
+        for name in (
+            "val_every",
+            "checkpoint_every",
+            "log_every",
+            "keep_checkpoints",
+            "val_limit",
+            "min_epoch_steps",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if problems:
@@ -616,8 +630,11 @@ def run(config: TrainConfig) -> str:
         val = train_data.validation_arrays(
             val_uris, val_root, config.image_size, endpoint_url, config.val_limit
         )
+    # Every epoch restarts the Ray Data pipeline (a fraction of a second); on a handful of photos
+    # that would cost more than the steps themselves.
+    copies = max(1, math.ceil(config.min_epoch_steps * config.batch_size / len(train_uris)))
     dataset = train_data.training_dataset(
-        train_uris, config.images, config.image_size, endpoint_url, num_cpus=config.data_cpus
+        train_uris * copies, config.images, config.image_size, endpoint_url, num_cpus=config.data_cpus
     )
 
     storage_fs, storage_path = storage.pyarrow_filesystem(config.storage_path, endpoint_url)

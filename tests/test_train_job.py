@@ -46,7 +46,7 @@ def test_three_phases_two_sharded_workers_on_s3(ray_local, s3_photos, s3_prefix)
     config = TrainConfig(
         images=s3_photos, output=f"{s3_prefix}/model", storage_path=f"{s3_prefix}/runs", run_name="r",
         num_workers=2, cpus_per_worker=0.5, data_cpus=0.5, tc=6, td=4, t_train=14,
-        val_every=7, checkpoint_every=7, keep_checkpoints=2, log_shard_keys=True, **TINY,
+        val_every=7, checkpoint_every=7, keep_checkpoints=2, log_shard_keys=True, min_epoch_steps=1, **TINY,
     )  # fmt: skip
     assert run(config) == config.output
 
