@@ -414,7 +414,8 @@ def job_client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     if not _debug():  # Ray's client logs every file it packages; the user wants the job's own output
-        logging.getLogger("ray").setLevel(logging.ERROR)
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+            logging.getLogger(name).setLevel(logging.ERROR)  # the last two set their own INFO level
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -579,6 +580,10 @@ def _duration(start_ms: int | None, end_ms: int | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=False)]
     lines = [
@@ -602,7 +607,8 @@ def status(job_id: JobArgument, address: AddressOption = None) -> None:
         ("ended", _time(info.end_time)),
         ("duration", _duration(info.start_time, info.end_time)),
         ("entrypoint", info.entrypoint),
-        ("message", _one_line(info.message or "-")),
+        # A failed job's message carries its last logs; the tail names the error, `logs` has the rest.
+        ("message", _tail(_one_line(info.message or "-"), 300)),
         ("dashboard", dashboard_job_url(client.get_address(), job_id)),
     ]
     typer.echo(format_table(("field", "value"), rows))
