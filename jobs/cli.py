@@ -55,6 +55,12 @@ WORKING_DIR_EXCLUDES = [
 
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 
+# What Ray's Jobs client says at INFO/WARNING while packaging and following a job.
+RAY_CLIENT_LOGGERS = (
+    "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+    "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
+)  # fmt: skip
+
 EXIT_USAGE = 2  # the user's input is wrong (click's own code for usage errors)
 EXIT_FAILED = 1  # the cluster, the storage or the job failed
 
@@ -414,8 +420,8 @@ def job_client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     if not _debug():  # Ray's client logs every file it packages; the user wants the job's own output
-        for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
-            logging.getLogger(name).setLevel(logging.ERROR)  # the last two set their own INFO level
+        for name in RAY_CLIENT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
