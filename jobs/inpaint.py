@@ -149,6 +149,7 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
         fn_kwargs={
             "endpoint_url": config.endpoint_url,
             "exclude": (config.output, manifest),
+            "output_format": config.output_format,
         },
     )
     if config.limit is not None:

@@ -45,18 +45,35 @@ def _list_file_entry(list_dir_uri: str, line: str) -> tuple[str, str]:
     return line, posixpath.join(list_dir_uri.rstrip("/"), line)
 
 
-def _walk_prefix(fs, root: str, exclude: tuple[str, ...]) -> Iterator[str]:
-    """Every object path under ``root``, folder by folder, sorted within a folder."""
+def _walk_prefix(fs, root: str, exclude: tuple[str, ...]) -> Iterator[list[str]]:
+    """Every object path under ``root``, one sorted list per folder."""
     if fs.isfile(root):
-        yield root
+        yield [root]
         return
     for folder, dirs, files in fs.walk(root):
         dirs[:] = sorted(
             d for d in dirs if posixpath.join(folder, d) not in exclude and not d.startswith(".")
         )
-        for name in sorted(files):
-            if not name.startswith("."):  # hidden files and our own .glcic-tmp-* temporaries
-                yield posixpath.join(folder, name)
+        # hidden files and our own .glcic-tmp-* temporaries are skipped
+        yield [posixpath.join(folder, name) for name in sorted(files) if not name.startswith(".")]
+
+
+def _key_digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _collision(key: str, is_input, output_format: str | None) -> str:
+    """The input key that ``key``'s output name would overwrite, or "".
+
+    ``cat.jpg`` is written as ``cat.jpg.png``; if ``cat.jpg.png`` is an input too, it keeps that
+    name (its output is itself) and ``cat.jpg`` becomes an ``output_collision`` error row, instead
+    of one completion silently replacing the other. Only the last segment's suffix changes, so
+    the two are always in the same folder.
+    """
+    if output_format is None:
+        return ""
+    out_key = output_key_for(key, output_format)[0]
+    return out_key if out_key != key and is_input(out_key) else ""
 
 
 def _printable(key: str) -> str:
@@ -70,29 +87,44 @@ def _printable(key: str) -> str:
 
 
 def iter_entries(
-    source: str, endpoint_url: str | None = None, exclude: tuple[str, ...] = ()
-) -> Iterator[tuple[str, str]]:
-    """``(relative key, URI)`` of every input under ``source``, a prefix or a list file."""
+    source: str,
+    endpoint_url: str | None = None,
+    exclude: tuple[str, ...] = (),
+    output_format: str | None = None,
+) -> Iterator[tuple[str, str, str]]:
+    """``(relative key, URI, collides_with)`` of every input under ``source``, a prefix or a list
+    file; ``collides_with`` (with an ``output_format``) is the input whose key is this one's output
+    name, else ""."""
     fs, root = storage.filesystem(source, endpoint_url)
     fs.invalidate_cache()  # listings are cached per filesystem instance, shared in a process
     if is_list_file(fs, root):
         list_dir = source.rstrip("/").rsplit("/", 1)[0] if "/" in source.rstrip("/") else "."
+
+        def listed_keys() -> Iterator[tuple[str, str]]:
+            with fs.open(root, "rt", encoding="utf-8") as lines:
+                for raw in lines:
+                    line = raw.strip()
+                    if line and not line.startswith("#"):
+                        yield _list_file_entry(list_dir, line)
+
+        # A first pass learns every listed key, so an output collision is found wherever in the
+        # file the other key is listed (the same 16-byte digests as for duplicates).
+        listed = {_key_digest(key) for key, _ in listed_keys()} if output_format else set()
         # A key listed twice is done once: later copies get an empty URI (a ``duplicate_key`` row).
         # 16-byte digests keep this at about 100 bytes per listed key, in this task only.
         seen: set[bytes] = set()
-        with fs.open(root, "rt", encoding="utf-8") as lines:
-            for raw in lines:
-                line = raw.strip()
-                if not line or line.startswith("#"):
-                    continue
-                key, uri = _list_file_entry(list_dir, line)
-                digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
-                yield (key, "") if digest in seen else (key, uri)
-                seen.add(digest)
+        for key, uri in listed_keys():
+            digest = _key_digest(key)
+            collides = _collision(key, lambda k: _key_digest(k) in listed, output_format)
+            yield (key, "", collides) if digest in seen else (key, uri, collides)
+            seen.add(digest)
         return
     excluded = tuple(storage.filesystem(u, endpoint_url)[1] for u in exclude)
-    for path in _walk_prefix(fs, root, excluded):
-        yield _printable(storage.relative_key(root, path)), storage.full_uri(fs, path)
+    for paths in _walk_prefix(fs, root, excluded):
+        keys = [_printable(storage.relative_key(root, path)) for path in paths]
+        in_folder = set(keys)
+        for key, path in zip(keys, paths, strict=True):
+            yield key, storage.full_uri(fs, path), _collision(key, in_folder.__contains__, output_format)
 
 
 def list_images(
@@ -101,17 +133,23 @@ def list_images(
     page_rows: int = 1000,
     endpoint_url: str | None = None,
     exclude: tuple[str, ...] = (),
+    output_format: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """ListImages stage: ``{"source": [uri]}`` -> pages of ``{"key", "uri"}`` rows.
+    """ListImages stage: ``{"source": [uri]}`` -> pages of ``{"key", "uri", "collides_with"}`` rows.
 
     ``exclude``: URIs (the output and manifest prefixes) never listed as inputs, so an output
-    prefix nested inside the input prefix is not read back as images.
+    prefix nested inside the input prefix is not read back as images. ``output_format``: the
+    job's, to find inputs whose output name is another input's key (``_collision``).
     """
     for source in batch["source"]:
-        entries = iter_entries(source, endpoint_url, exclude)
+        entries = iter_entries(source, endpoint_url, exclude, output_format)
         while page := list(itertools.islice(entries, page_rows)):
-            keys, uris = zip(*page, strict=True)
-            yield {"key": np.array(keys, dtype=object), "uri": np.array(uris, dtype=object)}
+            keys, uris, collides = zip(*page, strict=True)
+            yield {
+                "key": np.array(keys, dtype=object),
+                "uri": np.array(uris, dtype=object),
+                "collides_with": np.array(collides, dtype=object),
+            }
 
 
 @dataclass(frozen=True)
@@ -198,6 +236,7 @@ def read_decode(
     """ReadDecode stage: keys -> pixels, masks and manifest fields, one row per key, never raising."""
     keys = [str(k) for k in batch["key"]]
     uris = [str(u) for u in batch["uri"]]
+    collides = [str(c) for c in batch.get("collides_with", [""] * len(keys))]
     n = len(keys)
     index = _resume_index(index_ref or [])
     done = contains(index, key_digests(keys)) if index is not None else np.zeros(n, dtype=bool)
@@ -228,6 +267,11 @@ def read_decode(
             rows["output_key"][i], rows["encoder"][i] = out_key, encoder
             if not uris[i]:
                 raise RowError("duplicate_key", "listed more than once; the first listing is processed")
+            if collides[i]:
+                raise RowError(
+                    "output_collision",
+                    f"its output name {out_key!r} is the key of another input, which keeps it; rename one",
+                )
             if done[i]:
                 rows["status"][i] = STATUS_SKIPPED
                 rows["error_message"][i] = "completed by an earlier run (skip_existing)"
