@@ -23,6 +23,7 @@ _WEED_PORT_FLAGS = (
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
     "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
     "s3.port.iceberg",  # the Iceberg catalog: a fixed 8181+ by default, which parallel servers fight over
+    "s3.port.lance",  # the Lance namespace: likewise a fixed 9101+, and weed exits when it loses the race
 )  # fmt: skip
 
 
