@@ -70,17 +70,7 @@ class Schedule:
         return flags + ["--val-every", every, "--checkpoint-every", every, "--log-every", every]
 
 
-FULL = Schedule(
-    width=0.25,
-    image_size=96,
-    local_size=48,
-    hole_min=24,
-    hole_max=40,
-    batch_size=8,
-    tc=240,
-    td=60,
-    t_train=400,
-)
+FULL = Schedule(width=0.25, image_size=96, local_size=48, hole_min=24, hole_max=40, batch_size=8, tc=240, td=60, t_train=400)  # fmt: skip
 FAST = Schedule(width=0.125, image_size=64, local_size=32, hole_min=12, hole_max=24, batch_size=4, tc=6, td=2, t_train=10)  # fmt: skip
 
 # The masks the demo uploads: a hole of the size training used, scaled to the uploaded photos.
@@ -214,6 +204,11 @@ def run(out: Path, fast: bool, photos_dir: Path, num_cpus: int) -> dict:
     }
     (out / "demo_summary.json").write_text(json.dumps(report, indent=2))
     log(f"manifest: {summary['images']} images, {summary['counts']}, {summary['images_per_s']} images/s")
+    per_image = ", ".join(
+        f"{k[:-2]} {v / max(1, summary['images']):.3f}s" for k, v in summary["stage_s"].items()
+    )
+    log(f"  per image: {per_image}; checkpoint {', '.join(summary['checkpoint_ids'])}")
+    log(f"  rows: {MANIFEST_URI}/run_id={RUN_ID}/ (a copy in {out / 'manifest.parquet'})")
     log(f"training {train_s:.0f}s, inpainting {inpaint_s:.0f}s, all {report['total_s']:.0f}s")
     log(f"contact sheet: {out / 'contact_sheet.png'} ({len(rows)} rows: {', '.join(SHEET_COLUMNS)})")
     log("Ray and the S3 server are stopped")
