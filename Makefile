@@ -29,9 +29,11 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
+# Minutes each on 2 CPUs; figures in bench_out/*.json, tables and machine in BENCHMARKS.md.
 bench: $(STAMP)
 	$(BIN)/python bench/inpaint.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) demo_out bench_out

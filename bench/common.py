@@ -10,7 +10,9 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -338,7 +340,14 @@ def write_json(name: str, figures: dict, out_dir: Path | None = None) -> Path:
     return path
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a timeout, a kill) unwinds like Ctrl-C, so ``finally`` blocks stop the S3 server
+    and Ray this script started and remove its temporary files."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: tiny sizes, one repeat")
     parser.add_argument("--out-dir", default=str(OUT_DIR), help="where the JSON of the figures goes")
