@@ -138,6 +138,8 @@ class JobSpec:
     example: str
     inputs: tuple[str, ...] = ()  # prefixes that must exist and hold objects
     checkpoints: tuple[str, ...] = ()  # checkpoint URIs whose config.json must exist
+    # Every URI field: relative local paths among them are made absolute before submitting.
+    uris: tuple[str, ...] = ()
 
     def load_config_class(self) -> type:
         return getattr(importlib.import_module(self.module), self.config_class)
@@ -153,6 +155,7 @@ TRAIN = JobSpec(
         "--output s3://models/glcic --storage-path s3://models/ray --wait"
     ),
     inputs=("images",),
+    uris=("images", "output", "storage_path", "val_images"),
 )
 
 INPAINT = JobSpec(
@@ -166,6 +169,7 @@ INPAINT = JobSpec(
     ),
     inputs=("images", "masks"),
     checkpoints=("checkpoint",),
+    uris=("images", "masks", "output", "checkpoint", "manifest"),
 )
 
 
@@ -378,6 +382,16 @@ def check_checkpoint(flag: str, uri: str, endpoint_url: str | None) -> None:
         )
 
 
+def absolute_local_paths(spec: JobSpec, config: Any) -> Any:
+    """The config with relative local paths made absolute: a job runs in its own working_dir."""
+    changes = {}
+    for name in spec.uris:
+        value = getattr(config, name, None)
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+            changes[name] = os.path.abspath(value)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def check_before_submit(spec: JobSpec, config: Any, endpoint_url: str | None, *, reach_storage: bool) -> None:
     """Refuse what the job would only refuse minutes later: bad protocols, empty inputs, no checkpoint."""
     for f in dataclasses.fields(config):
@@ -482,6 +496,7 @@ def submit_or_run(
     endpoint_url: str | None,
     preflight: bool,
 ) -> None:
+    config = absolute_local_paths(spec, config)
     job_config.print_config(config, log=typer.echo)
     check_before_submit(spec, config, endpoint_url, reach_storage=preflight)
     if local:

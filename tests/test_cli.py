@@ -322,3 +322,22 @@ def test_local_runs_the_job_on_an_embedded_ray(s3_server, inputs):
     assert "running inpaint on a local Ray" in result.stdout
     table = read_manifest(f"{out}/_manifest", endpoint_url=s3_server.endpoint_url)
     assert table.column("status").to_pylist() == ["ok", "ok"]
+
+
+def test_relative_local_paths_are_made_absolute_before_submitting(tmp_path, monkeypatch):
+    # A job runs in its own unpacked working_dir, where the user's relative paths mean nothing.
+    from jobs.cli import INPAINT, TRAIN, absolute_local_paths
+    from jobs.inpaint import InpaintConfig
+    from jobs.train import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    config = absolute_local_paths(
+        INPAINT, InpaintConfig(images="photos", output="out", checkpoint="s3://b/m")
+    )
+    assert (config.images, config.output, config.checkpoint) == (
+        str(tmp_path / "photos"), str(tmp_path / "out"), "s3://b/m",
+    )  # fmt: skip
+    config = absolute_local_paths(TRAIN, TrainConfig(images="/data/in", output="model"))
+    assert (config.images, config.output, config.storage_path) == (
+        "/data/in", str(tmp_path / "model"), str(tmp_path / "model-runs"),
+    )  # fmt: skip
