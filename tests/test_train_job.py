@@ -86,32 +86,33 @@ def test_three_phases_two_sharded_workers_on_s3(ray_local, s3_photos, s3_prefix)
 def test_killed_worker_resumes_from_the_last_complete_checkpoint(
     ray_local, s3_photos, s3_prefix, tmp_path, monkeypatch
 ):
-    # The worker dies while uploading checkpoint 8, after its weights but before config.json.
+    # Mid-phase 3 (steps 8..11) the worker dies while uploading checkpoint 10: after its weights,
+    # before its config.json.
     marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_IN_UPLOAD_ENV, "8")
+    monkeypatch.setenv(KILL_IN_UPLOAD_ENV, "10")
     monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
     config = TrainConfig(
         images=s3_photos, output=f"{s3_prefix}/model", storage_path=f"{s3_prefix}/runs", run_name="r",
-        num_workers=1, cpus_per_worker=1, tc=6, td=2, t_train=10, val_every=100, checkpoint_every=4,
+        num_workers=1, cpus_per_worker=1, tc=6, td=2, t_train=12, val_every=100, checkpoint_every=5,
         max_failures=2, **TINY,
     )  # fmt: skip
     run(config)
     assert marker.exists(), "the fault was not injected"
     run_uri = f"{s3_prefix}/runs/r"
     final = load_checkpoint(config.output)
-    assert final.config.step == 10
-    # It restarted from a complete checkpoint, never the half-written 8 (its weights were uploaded,
-    # its config.json was not): 6, or 4 when the controller had not yet registered 6 when the worker
-    # died (Ray registers a reported checkpoint when it next polls the workers). Then it wrote 8
-    # again, whole.
-    resumed_at = load_checkpoint(f"{run_uri}/checkpoint-000000010").config.extra["attempt_start_step"]
-    assert resumed_at in (4, 6)
-    rewritten = load_checkpoint(f"{run_uri}/checkpoint-000000008")
-    assert rewritten.config.step == 8 and rewritten.config.extra["attempt_start_step"] == resumed_at
+    assert final.config.step == 12
+    # It restarted from a complete checkpoint (5, 6 or 8), never the half-written 10: 8 unless the
+    # controller had not yet registered it when the worker died (Ray registers a reported
+    # checkpoint when it next polls the workers). Then it wrote 10 again, whole.
+    resumed_at = load_checkpoint(f"{run_uri}/checkpoint-000000012").config.extra["attempt_start_step"]
+    assert resumed_at in (5, 6, 8)
+    rewritten = load_checkpoint(f"{run_uri}/checkpoint-000000010")
+    assert rewritten.config.step == 10 and rewritten.config.phase == 3
+    assert rewritten.config.extra["attempt_start_step"] == resumed_at
 
-    # Running the job again with the same run name and a longer schedule continues from step 10.
+    # Running the job again with the same run name and a longer schedule continues from step 12.
     monkeypatch.delenv(KILL_IN_UPLOAD_ENV)
-    longer = TrainConfig(**{**config.__dict__, "t_train": 12})
+    longer = TrainConfig(**{**config.__dict__, "t_train": 14})
     run(longer)
-    assert load_checkpoint(config.output).config.step == 12
-    assert load_checkpoint(f"{run_uri}/checkpoint-000000012").config.extra["attempt_start_step"] == 10
+    assert load_checkpoint(config.output).config.step == 14
+    assert load_checkpoint(f"{run_uri}/checkpoint-000000014").config.extra["attempt_start_step"] == 12
