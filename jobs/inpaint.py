@@ -125,6 +125,11 @@ def check_checkpoint(config: InpaintConfig) -> None:
         raise FileNotFoundError(f"no complete checkpoint at {config.checkpoint!r} (config.json missing)")
 
 
+def resume_index(manifest: str, endpoint_url: str | None) -> tuple[int, np.ndarray]:
+    digests = manifest_lib.completed_key_digests(manifest, endpoint_url)
+    return len(digests), digests
+
+
 def build_dataset(config: InpaintConfig, run_id: str, index_ref):
     import ray
 
@@ -217,12 +222,13 @@ def run(config: InpaintConfig) -> dict:
     started = time.time()
     index_ref = None
     if config.skip_existing:
-        index_ref = ray.remote(num_cpus=0.25)(manifest_lib.completed_key_digests).remote(
+        # Built in a task; the driver only learns its size (and any error) and never holds it.
+        # Waiting here, before the pipeline takes every CPU, also means no read task ever blocks on
+        # an index task that a small cluster has no CPU left to run.
+        count_ref, index_ref = ray.remote(num_cpus=0.25, num_returns=2)(resume_index).remote(
             manifest, config.endpoint_url
         )
-        # Wait (without fetching it here) before the pipeline takes every CPU: a read task blocked
-        # on an index task that cannot be scheduled would deadlock a small cluster.
-        ray.wait([index_ref], fetch_local=False)
+        print(f"resuming: {ray.get(count_ref)} images already completed under {manifest}")
     ds = build_dataset(config, run_id, index_ref)
 
     writer = manifest_lib.ManifestWriter(
