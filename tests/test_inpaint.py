@@ -96,7 +96,8 @@ def write_tree(root: str, files: dict[str, bytes]) -> None:
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> str:
     """A randomly initialised tiny generator, saved the way training saves one."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     torch.manual_seed(0)
     uri = str(tmp_path_factory.mktemp("ckpt") / "tiny")
     save_checkpoint(
