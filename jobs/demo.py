@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    except RuntimeError as e:  # a server that would not start says which and why
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; Ray and the S3 server are stopped", file=sys.stderr)
         return 130
