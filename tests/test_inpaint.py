@@ -344,7 +344,11 @@ def test_precision_channels_last_and_size_buckets(ray_local, checkpoint, photos)
     for got, expected in zip(out["completed"], together, strict=False):
         assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
-    for kwargs, tolerance in (({"channels_last": True}, 1), ({"precision": "bf16"}, 12)):
+    for kwargs, tolerance in (
+        ({"channels_last": True}, 1),
+        ({"precision": "bf16"}, 12),
+        ({"precision": "fp16"}, 2),
+    ):
         other = InpaintPredictor(checkpoint, **kwargs).complete(images, masks)
         for a, b, mask in zip(together, other, masks, strict=True):
             diff = np.abs(a.astype(int) - b.astype(int))[mask == 1]
