@@ -72,7 +72,13 @@ class LocalS3Server:
         log = open(self._log_path, "ab")
         # A new session so stop() can take down every child weed spawns.
         self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            # `with` never calls __exit__ when __enter__ raises: a server that failed to start
+            # (a bucket that never came up, Ctrl-C) would outlive us.
+            self.stop()
+            raise
         return self
 
     def _wait_ready(self) -> None:
