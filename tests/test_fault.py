@@ -512,3 +512,64 @@ def test_a_request_survives_the_server_going_away(s3_server, tmp_path, monkeypat
         report(f"one request, server {outage} {down_s:.0f}s", {"ok": 1}, waited_s=round(waited, 1))
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_manifest_write_outlasts_a_longer_restart(s3_server, tmp_path, monkeypatch):
+    """The driver's manifest write retries longer than an image's read or write (a write that
+    gives up ends the run): a part written while the server is down for 10 s lands whole."""
+    from pipeline.manifest import rows_to_table, write_part
+
+    down_s = 10.0
+    server = _own_s3_server(tmp_path)
+    back: list[LocalS3Server] = []
+    try:
+        monkeypatch.setenv(storage.S3_CONNECT_TIMEOUT_ENV, "1")
+        monkeypatch.setenv(storage.S3_MAX_ATTEMPTS_ENV, "1")
+        keys = ["a.jpg", "b.jpg"]
+        table = rows_to_table(
+            {
+                name: [""] * 2
+                for name in (
+                    "input_uri",
+                    "mask_key",
+                    "mask_generator",
+                    "output_key",
+                    "output_uri",
+                    "mask_output_key",
+                    "error_type",
+                    "error_message",
+                    "checkpoint_id",
+                    "node_id",
+                    "inference_worker",
+                    "gpu_id",
+                )
+            }  # fmt: skip
+            | {
+                "input_key": keys,
+                "status": ["error"] * 2,
+                "mask_seed": [0, 0],
+                "width": [0, 0],
+                "height": [0, 0],
+            }
+            | {name: [0.0, 0.0] for name in ("hole_fraction", "read_s", "decode_s", "inference_s", "write_s")}
+        )
+        server.stop()
+        bring_back = threading.Timer(0, lambda: back.append(_restart_on_same_ports(server, down_s)))
+        started = time.monotonic()
+        bring_back.start()
+        try:
+            write_part("s3://fault/manifest", "r1", table, server.endpoint_url)
+        finally:
+            bring_back.join()
+        waited = time.monotonic() - started
+        rows = read_manifest("s3://fault/manifest", "r1", server.endpoint_url).to_pylist()
+        assert [r["input_key"] for r in rows] == keys
+        assert waited >= down_s, waited
+        report(
+            f"manifest part, server restarted {down_s:.0f}s", {"rows": len(rows)}, waited_s=round(waited, 1)
+        )
+    finally:
+        for restarted in back:
+            restarted.stop()
+        server.stop()
