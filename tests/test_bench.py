@@ -1,0 +1,80 @@
+"""The benchmark scripts run end to end (--quick) and write the figures BENCHMARKS.md is built from.
+
+Smoke tests only: they check that each script completes the real work and writes its ratios and
+memory figures as JSON, never how fast anything is (speed targets live in the benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_bench(script: str, out_dir: Path, *extra: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--quick", "--out-dir", str(out_dir), *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    figures = json.loads((out_dir / script.replace(".py", ".json")).read_text())
+    assert "| " in proc.stdout, "the script prints its table"
+    assert figures["machine"]["cpus"] >= 1 and figures["command"].startswith(f"python bench/{script}")
+    return figures
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.timeout(300)
+def test_inpaint_bench_reports_limit_pipeline_and_naive_with_ratios(tmp_path):
+    figures = run_bench("inpaint.py", tmp_path)
+    (result,) = figures["results"].values()
+    for name in ("limit", "pipeline_local", "pipeline_s3", "naive"):
+        assert positive(result[name]["images_per_s"]), name
+    for ratio in ("pipeline_local_over_limit", "pipeline_s3_over_limit", "pipeline_local_over_naive", "pipeline_s3_over_naive"):  # fmt: skip
+        assert positive(result[ratio]), ratio
+    assert result["pipeline_local_over_limit"] == pytest.approx(
+        result["pipeline_local"]["images_per_s"] / result["limit"]["images_per_s"]
+    )
+    assert result["gflops_per_image"] > 0 and positive(result["limit_gflops_per_s"])
+    assert set(result["pipeline_local"]["stage_s_per_image"]) >= {
+        "read_s",
+        "decode_s",
+        "inference_s",
+        "write_s",
+    }
+
+
+@pytest.mark.timeout(300)
+def test_train_bench_reports_steps_per_s_for_one_and_two_workers_against_the_limit(tmp_path):
+    figures = run_bench("train.py", tmp_path)
+    phase = figures["results"]["1"]
+    for workers in ("1", "2"):
+        run = phase[workers]
+        assert positive(run["steps_per_s"]) and positive(run["limit_steps_per_s"])
+        assert run["over_limit"] == pytest.approx(run["steps_per_s"] / run["limit_steps_per_s"])
+        assert run["images_per_s"] == pytest.approx(run["steps_per_s"] * figures["settings"]["batch_size"])
+    assert positive(phase["speedup_2_over_1"])
+
+
+@pytest.mark.timeout(300)
+def test_memory_bench_completes_every_image_and_reports_peak_rss(tmp_path):
+    figures = run_bench("memory.py", tmp_path, "--counts", "300")
+    (run,) = figures["runs"]
+    assert run["images"] == run["outputs_written"] == run["counts"]["ok"] == 300
+    for name in ("driver_peak_rss_mib", "worker_peak_rss_mib", "workers_peak_rss_sum_mib"):
+        assert positive(run[name]), name
+    # The driver's peak is at least what it holds right after importing torch and Ray.
+    assert run["driver_peak_rss_mib"] > 50
+    assert run["timeline"], "RSS was sampled during the run"
