@@ -72,3 +72,31 @@ def photos(photo_paths) -> list[np.ndarray]:
     from PIL import Image
 
     return [np.asarray(Image.open(p).convert("RGB")) for p in photo_paths]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on the shared 2-CPU CI machine OpenMP
+    threads spin-waiting for a busy core made the model tests up to 10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A randomly initialised tiny generator (width 0.125), saved the way training saves one."""
+    import torch
+
+    from model.checkpoint import ModelConfig, save_checkpoint
+    from model.completion import CompletionNetwork
+
+    torch.manual_seed(0)
+    uri = str(tmp_path_factory.mktemp("ckpt") / "tiny")
+    save_checkpoint(
+        uri, ModelConfig(width=0.125, mean_pixel=(0.45, 0.42, 0.4)), CompletionNetwork(0.125).eval()
+    )
+    return uri

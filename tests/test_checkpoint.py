@@ -23,14 +23,7 @@ CONFIG = ModelConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on the shared 2-CPU CI machine OpenMP
-    threads spin-waiting for a busy core made these tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Wrapped(nn.Module):

@@ -31,11 +31,10 @@ from PIL import Image
 from jobs.config import parse_config
 from jobs.embedded import LocalS3Server
 from jobs.inpaint import InpaintConfig, run
-from model.checkpoint import ModelConfig, save_checkpoint
-from model.completion import CompletionNetwork
 from pipeline import storage
 from pipeline.decode import decode_image
 from pipeline.manifest import SUCCESS_FILE, read_manifest
+from tests.helpers import write_objects
 
 REPO = Path(__file__).resolve().parent.parent
 TEMP_PREFIX = ".glcic-tmp-"
@@ -157,23 +156,9 @@ def tile(photos, i: int, size: int = 32) -> np.ndarray:
     return np.ascontiguousarray(photo[y : y + size, x : x + size])
 
 
-def upload(root: str, files: dict[str, bytes], endpoint_url: str | None = None) -> None:
-    fs, base = storage.filesystem(root, endpoint_url)
-    for key, data in files.items():
-        storage.atomic_write_bytes(fs, storage.join_key(base, key), data)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """A randomly initialised tiny generator, saved the way training saves one."""
-    import torch
-
-    torch.manual_seed(0)
-    uri = str(tmp_path_factory.mktemp("fault-ckpt") / "tiny")
-    save_checkpoint(
-        uri, ModelConfig(width=0.125, mean_pixel=(0.45, 0.42, 0.4)), CompletionNetwork(0.125).eval()
-    )
-    return uri
+@pytest.fixture(scope="session")
+def checkpoint(tiny_checkpoint) -> str:
+    return tiny_checkpoint
 
 
 def small_job(**kwargs) -> InpaintConfig:
@@ -202,7 +187,7 @@ def test_concurrent_runs_share_an_output_prefix(ray_local, s3_prefix, photos, ch
     for name, half in halves.items():
         files[f"in/{name}.txt"] = ("\n".join(half) + "\n").encode()
     files["in/all.txt"] = ("\n".join(keys) + "\n").encode()
-    upload(s3_prefix, files)
+    write_objects(s3_prefix, files)
     output = f"{s3_prefix}/out"
 
     results: dict[str, dict] = {}
@@ -264,7 +249,7 @@ def test_unusual_keys_stay_under_output_one_to_one(ray_local, s3_prefix, photos,
         files[f"in/{key}"] = encode(tile(photos, i), fmt)
     unsafe = ["../escape.jpg", "a/../../up.jpg", "./here.jpg", "a//b.jpg", "a/./b.jpg", "back\\slash.jpg"]
     files["in/list.txt"] = ("\n".join([*names, *unsafe]) + "\n").encode()
-    upload(s3_prefix, files)
+    write_objects(s3_prefix, files)
     fs, bucket_root = _fresh_fs(f"{s3_prefix}", None)
     before = set(fs.find("test"))
 
@@ -346,7 +331,7 @@ def test_s3_outage_mid_run_is_retried_and_a_rerun_completes(ray_local, tmp_path,
     try:
         endpoint = server.endpoint_url
         keys = [f"o/{i:02d}.jpg" for i in range(n)]
-        upload(
+        write_objects(
             "s3://fault/in", {k: encode(tile(photos, i, 48), "JPEG") for i, k in enumerate(keys)}, endpoint
         )
         output = "s3://fault/out"
@@ -456,8 +441,8 @@ def test_fuzzed_images_and_masks_each_end_as_one_row(ray_local, tmp_path, photos
     timeout), and every input ends as exactly one row, ok with a whole output or a typed error."""
     seed = 7
     images, masks = fuzz_corpus(photos, 36, seed)
-    upload(str(tmp_path / "in"), images)
-    upload(str(tmp_path / "masks"), masks)
+    write_objects(str(tmp_path / "in"), images)
+    write_objects(str(tmp_path / "masks"), masks)
     output = str(tmp_path / "out")
     summary = run(
         small_job(

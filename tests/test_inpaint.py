@@ -29,6 +29,7 @@ from model.masks import generate_mask
 from pipeline import storage
 from pipeline.decode import decode_image
 from pipeline.manifest import MANIFEST_COLUMNS, read_manifest
+from tests.helpers import write_objects
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,23 +88,9 @@ def broken_inputs(photos) -> dict[str, tuple[bytes, str]]:
     }
 
 
-def write_tree(root: str, files: dict[str, bytes]) -> None:
-    fs, base = storage.filesystem(root)
-    for key, data in files.items():
-        storage.atomic_write_bytes(fs, storage.join_key(base, key), data)
-
-
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> str:
-    """A randomly initialised tiny generator, saved the way training saves one."""
-    import torch
-
-    torch.manual_seed(0)
-    uri = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    save_checkpoint(
-        uri, ModelConfig(width=0.125, mean_pixel=(0.45, 0.42, 0.4)), CompletionNetwork(0.125).eval()
-    )
-    return uri
+def checkpoint(tiny_checkpoint) -> str:
+    return tiny_checkpoint
 
 
 def ok_rows(table) -> dict:
@@ -131,7 +118,7 @@ def check_ok_output(row: dict, source: bytes, output_root: str, mask: np.ndarray
 def test_local_prefix_end_to_end_then_rerun_skips(ray_local, tmp_path, photos, checkpoint):
     good, broken = good_inputs(photos), broken_inputs(photos)
     images = str(tmp_path / "in")
-    write_tree(images, {**good, **{k: v for k, (v, _) in broken.items()}})
+    write_objects(images, {**good, **{k: v for k, (v, _) in broken.items()}})
     output = str(tmp_path / "out")
     config = InpaintConfig(
         images=images, output=output, checkpoint=checkpoint, postprocess=False, batch_size=4, write_masks=True,
@@ -211,8 +198,8 @@ def test_masks_prefix_same_format_and_postprocess(ray_local, tmp_path, photos, c
         "m/black.jpg": encode(Image.fromarray(np.zeros_like(hole)), "PNG"),
         "m/white.jpg": encode(Image.fromarray(np.full_like(hole, 255)), "PNG"),
     }
-    write_tree(str(tmp_path / "in"), images)
-    write_tree(str(tmp_path / "masks"), masks)
+    write_objects(str(tmp_path / "in"), images)
+    write_objects(str(tmp_path / "masks"), masks)
     output = str(tmp_path / "out")
     summary = run(
         InpaintConfig(
@@ -271,10 +258,10 @@ def test_s3_prefix_and_list_file(ray_local, s3_prefix, photos, checkpoint, tmp_p
     lines = [*picked, "../escape.jpg", "a/never uploaded.jpg", "", "# comments are ignored", picked[0]]
     listing = "\n".join(lines) + "\n"
     files["imgs/list.txt"] = listing.encode()
-    write_tree(s3_prefix, files)
+    write_objects(s3_prefix, files)
     s3_ckpt = f"{s3_prefix}/ckpt"
     fs, base = storage.filesystem(checkpoint)
-    write_tree(
+    write_objects(
         s3_ckpt,
         {name: storage.read_bytes(fs, f"{base}/{name}") for name in ("config.json", "generator.safetensors")},
     )
@@ -364,7 +351,7 @@ def _subprocess_env(extra: dict | None = None) -> dict:
 def test_gpu_actors_pinned_and_killed_actor_recovers(tmp_path, photos):
     """Logical GPUs: each actor holds its own GPU id; an actor killed mid-batch is restarted."""
     images = str(tmp_path / "in")
-    write_tree(
+    write_objects(
         images,
         {
             f"g/{i:02d}.png": encode(Image.fromarray(crop(photos[i % 10], 96, 96, at=i)), "PNG")
@@ -408,7 +395,7 @@ def test_killed_driver_then_resume(ray_local, tmp_path, photos, checkpoint):
     """Kill the job's process mid-run; the same command completes exactly what is missing."""
     n = 40
     images = str(tmp_path / "in")
-    write_tree(
+    write_objects(
         images,
         {
             f"k/{i:02d}.jpg": encode(Image.fromarray(crop(photos[i % 10], 64, 64, at=i)), "JPEG")

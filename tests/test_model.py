@@ -19,14 +19,7 @@ from model.masks import rectangle_mask
 MEAN = (0.45, 0.42, 0.38)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on the shared 2-CPU CI machine OpenMP
-    threads spin-waiting for a busy core made these tests 4x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_completion_network_is_the_papers_table_1():

@@ -23,14 +23,7 @@ from pipeline.train_data import batch_masks, scale_and_crop
 MEAN = (0.4, 0.4, 0.4)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on the shared 2-CPU CI machine OpenMP
-    threads spin-waiting for a busy core make them several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(n=4, size=32, local=16, seed=0):
