@@ -151,6 +151,7 @@ def measure_pipeline(images: str, output: str, checkpoint: str, args, endpoint_u
         output=output,
         checkpoint=checkpoint,
         batch_size=args.batch_size,
+        task_batch_size=args.task_batch_size,
         num_actors=args.num_actors,
         num_gpus_per_actor=gpus,
         num_cpus_per_actor=args.num_cpus_per_actor,
@@ -197,7 +198,10 @@ def parse_args(argv: list[str] | None):
         "the pipeline always does all --images",
     )
     parser.add_argument("--width", type=float, default=0.125, help="network width multiplier (paper: 1.0)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (all three)")
+    parser.add_argument(
+        "--task-batch-size", type=int, default=64, help="images per read/decode and encode/write task"
+    )
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--channels-last", action=__import__("argparse").BooleanOptionalAction, default=False)
@@ -230,6 +234,7 @@ def parse_args(argv: list[str] | None):
         or args.rate_images < 1
         or args.repeats < 1
         or args.batch_size < 1
+        or args.task_batch_size < 1
         or min(args.size_list) < 4
     ):
         parser.error("--images, --repeats, --batch-size must be >= 1 and sizes >= 4")
@@ -345,7 +350,7 @@ def report(results: dict, info: dict, args, threads: int, argv) -> dict:
         ])  # fmt: skip
     title = (
         f"Inpainting on {args.device} ({info['cpu'] if args.device == 'cpu' else info.get('gpu')}): width "
-        f"{args.width}, {args.precision}, batch {args.batch_size}, channels_last {args.channels_last}, "
+        f"{args.width}, {args.precision}, batch {args.batch_size}, task batch {args.task_batch_size}, channels_last {args.channels_last}, "
         f"post-processing {'on' if args.postprocess else 'off'}, {threads} torch threads, "
         f"{args.images} JPEGs per size, median of {args.repeats}"
     )

@@ -61,6 +61,7 @@ class InpaintConfig:
     write_masks: bool = field(default=False, metadata={"help": "also write the mask used, as PNG under <output>/_masks/"})  # fmt: skip
     postprocess: bool = field(default=True, metadata={"help": "the paper's post-processing (fast marching + Poisson blending) on the CPU after inference"})  # fmt: skip
     batch_size: int = field(default=16, metadata={"help": "images per inference batch (split into same-size buckets)"})  # fmt: skip
+    task_batch_size: int = field(default=64, metadata={"help": "images per read/decode and encode/write task (and keys per listed block), independent of --batch-size so small inference batches do not multiply task launches"})  # fmt: skip
     num_actors: int = field(default=0, metadata={"help": "inference actors; 0: one per GPU on a GPU cluster, else one per 4 CPUs"})  # fmt: skip
     num_gpus_per_actor: float | None = field(default=None, metadata={"help": "GPUs per inference actor; default: 1 on a cluster with GPUs, else 0"})  # fmt: skip
     num_cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per inference actor (also its torch threads on CPU)"})  # fmt: skip
@@ -90,7 +91,7 @@ def new_run_id() -> str:
 def validate(config: InpaintConfig) -> None:
     if not config.images or not config.output or not config.checkpoint:
         raise ValueError("--images, --output and --checkpoint are required")
-    for name in ("batch_size", "manifest_rows_per_part", "max_pixels"):
+    for name in ("batch_size", "task_batch_size", "manifest_rows_per_part", "max_pixels"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if config.num_actors < 0 or config.num_cpus_per_actor < 0 or config.num_cpus_per_task <= 0:
@@ -141,12 +142,14 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
     num_actors, num_gpus, num_cpus = actor_resources(config, ray.cluster_resources())
     task_cpus = config.num_cpus_per_task
     ds = ray.data.from_items([{"source": config.images}])
-    # Blocks of about one batch of keys. Ray Data merges a task's output into blocks of up to 128 MiB
-    # by default, which would put a whole listing (tiny rows) into one block, and so into one read
-    # task and one actor. Decoded images are bigger than this, so they travel one per block and
-    # each stage bundles batch_size of them. (A streaming repartition would also split the keys,
+    # Blocks of about one task's worth of keys. Ray Data merges a task's output into blocks of up to
+    # 128 MiB by default, which would put a whole listing (tiny rows) into one block, and so into one
+    # read task. Decoded images are bigger than this, so they travel one per block and each stage
+    # bundles its own batch of them: task_batch_size for the tasks, batch_size for the actor. Task
+    # launches cost milliseconds each, so sizing tasks by the (often small, on CPU) inference batch
+    # made them the bottleneck (BENCHMARKS.md). (A streaming repartition would also split the keys,
     # but its one-CPU task waits, backpressured, for the whole run and starves a small cluster.)
-    ds.context.target_max_block_size = config.batch_size * KEY_ROW_BYTES
+    ds.context.target_max_block_size = config.task_batch_size * KEY_ROW_BYTES
     ds = ds.map_batches(
         list_images,
         batch_size=1,
@@ -170,7 +173,7 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
     )
     ds = ds.map_batches(
         read_decode,
-        batch_size=config.batch_size,
+        batch_size=config.task_batch_size,
         num_cpus=task_cpus,
         fn_kwargs={"options": read_options, "index_ref": [index_ref] if index_ref is not None else []},
     )
@@ -196,7 +199,10 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
         endpoint_url=config.endpoint_url,
     )
     ds = ds.map_batches(
-        encode_write, batch_size=config.batch_size, num_cpus=task_cpus, fn_kwargs={"options": write_options}
+        encode_write,
+        batch_size=config.task_batch_size,
+        num_cpus=task_cpus,
+        fn_kwargs={"options": write_options},
     )
     return ds
 
