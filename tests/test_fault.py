@@ -162,9 +162,12 @@ def checkpoint(tiny_checkpoint) -> str:
 
 
 def small_job(**kwargs) -> InpaintConfig:
-    """A job shaped for 2 CPUs: half a CPU per actor leaves room for the read and write tasks."""
-    defaults = dict(postprocess=False, batch_size=4, manifest_rows_per_part=4, num_actors=1,
-                    num_cpus_per_actor=0.5, log_every_s=1e9)  # fmt: skip
+    """A job shaped for 2 CPUs: half a CPU per actor leaves room for the read and write tasks.
+
+    Task batches as small as the inference batches, so a fault injected mid-run finds work still
+    in flight (with the default 64, a few dozen inputs travel as one block)."""
+    defaults = dict(postprocess=False, batch_size=4, task_batch_size=4, manifest_rows_per_part=4,
+                    num_actors=1, num_cpus_per_actor=0.5, log_every_s=1e9)  # fmt: skip
     return InpaintConfig(**{**defaults, **kwargs})
 
 
@@ -336,7 +339,7 @@ def test_s3_outage_mid_run_is_retried_and_a_rerun_completes(ray_local, tmp_path,
         )
         output = "s3://fault/out"
         argv = [sys.executable, "-m", "jobs.inpaint", "--images", "s3://fault/in", "--output", output,
-                "--checkpoint", checkpoint, "--postprocess", "false", "--batch-size", "2",
+                "--checkpoint", checkpoint, "--postprocess", "false", "--batch-size", "2", "--task-batch-size", "2",
                 "--manifest-rows-per-part", "2", "--num-actors", "1", "--num-cpus-per-actor", "0.5"]  # fmt: skip
         # Short client timeouts and fewer botocore attempts so that the outage outlasts them: the
         # retries of s3fs and of the pipeline (storage.with_retries) must carry requests through.

@@ -403,8 +403,10 @@ def test_killed_driver_then_resume(ray_local, tmp_path, photos, checkpoint):
         },
     )
     output = str(tmp_path / "out")
+    # Small task batches too: with the default 64, all 40 images travel as one block and the run
+    # is over (bar _SUCCESS.json) by the time its first manifest part appears.
     argv = ["--images", images, "--output", output, "--checkpoint", checkpoint, "--batch-size", "2",
-            "--manifest-rows-per-part", "2", "--postprocess", "false"]  # fmt: skip
+            "--task-batch-size", "2", "--manifest-rows-per-part", "2", "--postprocess", "false"]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.inpaint", *argv], env=_subprocess_env(), cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
