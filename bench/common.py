@@ -340,6 +340,26 @@ def write_json(name: str, figures: dict, out_dir: Path | None = None) -> Path:
     return path
 
 
+def write_figures(
+    name: str, info: dict, args, argv: list[str] | None, figures: dict, skip: tuple[str, ...] = ()
+) -> dict:
+    """Wrap a script's ``figures`` with what every benchmark JSON records, and write it.
+
+    The machine, the settings (``args`` less ``out_dir`` and ``skip``), the command that reproduces
+    the run and the load average at its end: each script's tables are only comparable with these.
+    """
+    figures = {
+        "benchmark": name,
+        "machine": info,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", *skip)},
+        **figures,
+        "command": f"python bench/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_average_at_end": [round(v, 2) for v in load_average()],
+    }
+    write_json(name, figures, Path(args.out_dir))
+    return figures
+
+
 def exit_cleanly_on_sigterm() -> None:
     """SIGTERM (a timeout, a kill) unwinds like Ctrl-C, so ``finally`` blocks stop the S3 server
     and Ray this script started and remove its temporary files."""

@@ -380,18 +380,11 @@ def report(results: dict, info: dict, args, threads: int, argv) -> dict:
         ],  # fmt: skip
         profile_rows,
     )
-    figures = {
-        "benchmark": "inpaint",
-        "machine": info,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "size_list")},
-        "torch_threads": threads,
-        "results": {str(k): v for k, v in results.items()},
-        "tables": [table, profile],
-        "command": "python bench/inpaint.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "load_average_at_end": [round(v, 2) for v in common.load_average()],
-    }
-    common.write_json("inpaint", figures, Path(args.out_dir))
-    return figures
+    return common.write_figures(
+        "inpaint", info, args, argv,
+        {"torch_threads": threads, "results": {str(k): v for k, v in results.items()}, "tables": [table, profile]},
+        skip=("size_list",),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -154,17 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         header,
         rows,
     )
-    figures = {
-        "benchmark": "memory",
-        "machine": info,
-        "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
-        "runs": runs,
-        "table": table,
-        "command": "python bench/memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "load_average_at_end": [round(v, 2) for v in common.load_average()],
-    }
-    common.write_json("memory", figures, Path(args.out_dir))
-    return figures
+    return common.write_figures("memory", info, args, argv, {"runs": runs, "table": table})
 
 
 if __name__ == "__main__":

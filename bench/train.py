@@ -279,19 +279,9 @@ def report(results: dict, info: dict, args, argv) -> dict:
         ],  # fmt: skip
         rows,
     )
-    figures = {
-        "benchmark": "train",
-        "machine": info,
-        "settings": {
-            k: v for k, v in vars(args).items() if k not in ("out_dir", "worker_list", "phase_list")
-        },
-        "results": results,
-        "table": table,
-        "command": "python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "load_average_at_end": [round(v, 2) for v in common.load_average()],
-    }
-    common.write_json("train", figures, Path(args.out_dir))
-    return figures
+    return common.write_figures(
+        "train", info, args, argv, {"results": results, "table": table}, skip=("worker_list", "phase_list")
+    )
 
 
 if __name__ == "__main__":
