@@ -145,8 +145,8 @@ def random_checkpoint(uri: str, width: float, seed: int = 0) -> str:
     weights' values, and the jobs load it exactly as they load a trained one."""
     import torch
 
-    from model.checkpoint import ModelConfig, save_checkpoint
     from model.completion import CompletionNetwork
+    from pipeline.checkpoint import ModelConfig, save_checkpoint
 
     torch.manual_seed(seed)
     generator = CompletionNetwork(width).eval()

@@ -63,7 +63,7 @@ def load_network(checkpoint: str, device: str, channels_last: bool):
     """The generator exactly as ``InpaintPredictor`` loads it."""
     import torch
 
-    from model.checkpoint import load_generator
+    from pipeline.checkpoint import load_generator
 
     net, config, _ = load_generator(checkpoint, device=torch.device(device))
     net = net.eval()
@@ -143,7 +143,8 @@ def measure_naive(net, mean_pixel, inputs: Path, output: Path, args) -> float:
 
 
 def measure_pipeline(images: str, output: str, checkpoint: str, args, endpoint_url: str | None) -> dict:
-    from jobs.inpaint import InpaintConfig, run
+    from jobs.config import InpaintConfig
+    from jobs.inpaint import run
 
     gpus = 1.0 if args.device == "cuda" else 0.0
     config = InpaintConfig(

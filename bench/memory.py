@@ -56,7 +56,8 @@ def count_files(root: Path) -> int:
 
 
 def run_once(args, count: int, work: Path, checkpoint: str) -> dict:
-    from jobs.inpaint import InpaintConfig, run
+    from jobs.config import InpaintConfig
+    from jobs.inpaint import run
 
     images, output = work / f"images-{count}", work / f"completed-{count}"
     generate_s = write_tiny_images(images, count, args.size)

@@ -19,7 +19,6 @@ tensors already in memory, with as many torch threads as the workers have in tot
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -43,7 +42,7 @@ def write_training_images(root: Path, count: int, size: int) -> None:
 
 
 def train_config(args, images: Path, work: Path, phase: int, workers: int):
-    from jobs.train import TrainConfig
+    from jobs.config import TrainConfig
 
     steps = args.windows * args.window
     return TrainConfig(
@@ -88,35 +87,12 @@ def torch_threads(cpus: float) -> int:
 
 def measure_job(config) -> dict:
     """Steady-state steps/s of the job's worker loop under TorchTrainer (median over windows)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from jobs.train import train_loop_per_worker
+    from jobs.train import build_trainer
     from pipeline import train_data
 
     uris = train_data.list_images(config.images)
     dataset = train_data.training_dataset(uris, config.images, config.image_size, num_cpus=config.data_cpus)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": dataclasses.asdict(config),
-            "endpoint_url": None,
-            "mean_pixel": list(MEAN_PIXEL),
-            "val": None,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=False,
-            resources_per_worker={"CPU": config.cpus_per_worker},
-        ),
-        datasets={"train": dataset},
-        run_config=ray.train.RunConfig(
-            name=config.run_name,
-            storage_path=config.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=0),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-        ),
-    )
+    trainer = build_trainer(config, dataset, MEAN_PIXEL, val=None, endpoint_url=None)
     wall, result = common.timed(trainer.fit)
     if result.error is not None:
         raise result.error
@@ -136,8 +112,8 @@ def measure_limit(args, phase: int, threads: int) -> float:
     """steps/s of the same update in a tight loop in this process, data already in memory."""
     import torch
 
-    from jobs import train as job
-    from model.completion import CompletionNetwork
+    from model import gan as job
+    from model.completion import CompletionNetwork, images_to_tensor
     from model.discriminator import ContextDiscriminator
     from pipeline import train_data
 
@@ -150,7 +126,7 @@ def measure_limit(args, phase: int, threads: int) -> float:
     opt_g = job.make_optimizer("adadelta", generator.parameters(), 1.0)
     opt_d = job.make_optimizer("adadelta", critic.parameters(), 1.0)
     crops = common.photo_crops(args.batch_size, size, seed=11)
-    images = job.to_tensor(__import__("numpy").stack(crops), "cpu", args.channels_last)
+    images = images_to_tensor(__import__("numpy").stack(crops), "cpu", args.channels_last)
     keys = [f"img{i:04d}.jpg" for i in range(args.batch_size)]
     masks_np, boxes_np = train_data.batch_masks(
         keys, step=0, seed=0, image_size=size, local_size=local, hole_range=(size // 8, size // 4)

@@ -25,15 +25,12 @@ import importlib
 import inspect
 import logging
 import os
-import posixpath
 import shlex
 import sys
 import time
-import types
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -133,22 +130,19 @@ class JobSpec:
 
     name: str
     module: str
-    config_class: str
+    config_class: type
     summary: str
     example: str
     inputs: tuple[str, ...] = ()  # prefixes that must exist and hold objects
-    checkpoints: tuple[str, ...] = ()  # checkpoint URIs whose config.json must exist
+    checkpoints: tuple[str, ...] = ()  # checkpoint URIs that must hold a complete checkpoint
     # Every URI field: relative local paths among them are made absolute before submitting.
     uris: tuple[str, ...] = ()
-
-    def load_config_class(self) -> type:
-        return getattr(importlib.import_module(self.module), self.config_class)
 
 
 TRAIN = JobSpec(
     name="train",
     module="jobs.train",
-    config_class="TrainConfig",
+    config_class=job_config.TrainConfig,
     summary="Train the completion network and its discriminators (the paper's three phases) with Ray Train.",
     example=(
         "glcic submit-train --address http://127.0.0.1:8265 --images s3://photos/train "
@@ -161,7 +155,7 @@ TRAIN = JobSpec(
 INPAINT = JobSpec(
     name="inpaint",
     module="jobs.inpaint",
-    config_class="InpaintConfig",
+    config_class=job_config.InpaintConfig,
     summary="Complete every masked image under a prefix with Ray Data actors and write a Parquet manifest.",
     example=(
         "glcic submit-inpaint --address http://127.0.0.1:8265 --images s3://photos/in "
@@ -174,49 +168,7 @@ INPAINT = JobSpec(
 
 
 # ---------------------------------------------------------------------------------------------
-# Flags from a config dataclass.
-
-
-def _base_type(tp: Any) -> Any:
-    """``int | None`` -> ``int``; anything else stays as it is."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
-    return tp
-
-
-def _field_option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any, Callable[[Any], Any]]:
-    """Typer annotation, default and converter (flag value -> field value) for one field."""
-    tp = _base_type(hint)
-    help_text = f.metadata.get("help", "")
-    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    default = inspect.Parameter.empty if required else (
-        f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    )  # fmt: skip
-    keep = lambda value: value  # noqa: E731
-    if typing.get_origin(tp) is Literal:
-        return Annotated[tp, typer.Option(help=help_text)], default, keep
-    if typing.get_origin(tp) in (tuple, list):
-        elem = typing.get_args(tp)[0]
-        container = typing.get_origin(tp)
-
-        def split(value: Any) -> Any:
-            if value is None or not isinstance(value, str):
-                return value
-            try:
-                return container(elem(v) for v in value.replace(",", " ").split())
-            except ValueError as e:
-                raise CliError(f"--{f.name.replace('_', '-')}: {e}", EXIT_USAGE) from e
-
-        if default is not inspect.Parameter.empty and default is not None:
-            default = ",".join(str(v) for v in default)
-        option = typer.Option(help=f"{help_text} (comma-separated)", metavar="A,B,...")
-        return Annotated[str | None, option], default, split
-    if tp is bool:
-        return Annotated[bool, typer.Option(help=help_text)], default, keep
-    if tp in (int, float, str):
-        return Annotated[tp | None, typer.Option(help=help_text)], default, keep
-    raise TypeError(f"{f.name}: the CLI cannot turn a {tp!r} field into a flag")
+# Flags: one per config field (jobs/config.py's engine), plus the options every submit command has.
 
 
 # Options every submit command has; a config field of the same name takes precedence.
@@ -253,20 +205,10 @@ def _common_options() -> list[inspect.Parameter]:
 
 
 def _submit_command(spec: JobSpec) -> Callable[..., None]:
-    cls = spec.load_config_class()
-    hints = typing.get_type_hints(cls)
-    fields = dataclasses.fields(cls)
-    field_names = {f.name for f in fields}
+    cls = spec.config_class
+    fields = job_config.config_parameters(cls)
+    field_names = {p.name for p in fields}
     common = [p for p in _common_options() if p.name not in field_names]
-    converters: dict[str, Callable[[Any], Any]] = {}
-    params: list[inspect.Parameter] = []
-    for f in fields:
-        annotation, default, convert = _field_option(f, hints[f.name])
-        converters[f.name] = convert
-        params.append(
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
-        )
-    params += common
 
     def command(**values: Any) -> None:
         from pipeline.storage import endpoint_url_from_env
@@ -274,12 +216,9 @@ def _submit_command(spec: JobSpec) -> Callable[..., None]:
         options = {p.name: values.pop(p.name) for p in common}
         endpoint_url = values.get("endpoint_url") or options.get("endpoint_url") or endpoint_url_from_env()
         try:
-            config = cls(**{name: converters[name](value) for name, value in values.items()})
-            validate = getattr(importlib.import_module(spec.module), "validate", None)
-            if validate is not None:
-                validate(config)
+            config = cls(**values)
         except (TypeError, ValueError) as e:
-            raise CliError(f"invalid {spec.config_class}: {_one_line(e)}", EXIT_USAGE) from e
+            raise CliError(f"invalid {cls.__name__}: {_one_line(e)}", EXIT_USAGE) from e
         submit_or_run(
             spec,
             config,
@@ -287,10 +226,8 @@ def _submit_command(spec: JobSpec) -> Callable[..., None]:
             **{k: v for k, v in options.items() if k != "endpoint_url"},
         )
 
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = f"{spec.summary}\n\nExample:\n\n  {spec.example}"
-    return command
+    return job_config.with_signature(command, fields + common)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,16 +307,15 @@ def check_input(flag: str, uri: str, endpoint_url: str | None) -> None:
 
 
 def check_checkpoint(flag: str, uri: str, endpoint_url: str | None) -> None:
+    from pipeline.checkpoint import CONFIG_FILE, is_complete
+
     fs, path = _quick_filesystem(uri, endpoint_url)
-    marker = posixpath.join(path, "config.json")
     try:
-        found = fs.exists(marker)
+        found = is_complete(fs, path)
     except Exception as e:
         raise _storage_error(flag, uri, e) from e
     if not found:
-        raise CliError(
-            f"{flag} {uri!r}: no checkpoint there ({marker.rsplit('/', 1)[-1]} missing)", EXIT_USAGE
-        )
+        raise CliError(f"{flag} {uri!r}: no checkpoint there ({CONFIG_FILE} missing)", EXIT_USAGE)
 
 
 def absolute_local_paths(spec: JobSpec, config: Any) -> Any:
@@ -531,7 +467,7 @@ def run_local(spec: JobSpec, config: Any, endpoint_url: str | None) -> None:
 
     if endpoint_url:
         os.environ["GLCIC_S3_ENDPOINT_URL"] = endpoint_url  # Ray's workers inherit it
-    module = importlib.import_module(spec.module)
+    module = importlib.import_module(spec.module)  # the job's code (torch, Ray Data): only now
     # address="local": a fresh Ray even when RAY_ADDRESS names a cluster or a head runs here.
     context = ray.init(address="local", include_dashboard=False, log_to_driver=True)
     typer.echo(f"running {spec.name} on a local Ray ({context.address_info['address']})")

@@ -1,81 +1,304 @@
-"""Typed job configuration: dataclasses <-> command-line flags, printed at start, saved beside outputs.
+"""The jobs' configurations, and the one engine that turns them into command-line flags.
 
-Each job module declares one dataclass (``InpaintConfig``, ``TrainConfig``); every field carries
-its help text in ``field(metadata={"help": ...})``. The same dataclass drives the job's own
-``python -m jobs.X --flag value`` entry point (what a Ray Job runs) and the ``glcic`` CLI, which
-turns a config back into those flags with ``to_argv``.
+Each job has one dataclass here (``TrainConfig``, ``InpaintConfig``); every field is a flag, its
+help text in ``flag(help, default)``, its checks in ``__post_init__``. The same dataclass drives
+the job's own ``python -m jobs.X --flag value`` entry point (what a Ray Job runs) and the
+``glcic submit-X`` commands, through ``config_parameters`` (typer options, one per field) and
+``to_argv`` (a config back to those flags). A newcomer adds a flag in one place: a field here.
+
+This module imports neither torch nor Ray nor NumPy: ``glcic --help`` reads it.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import inspect
 import json
 import types
 import typing
-from typing import Any, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
 C = TypeVar("C")
 
-
-def _base_type(tp: Any) -> Any:
-    """``int | None`` -> ``int``; ``Literal["a", "b"]`` stays as is."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
-    return tp
+# pipeline.decode.DEFAULT_MAX_PIXELS (kept literal so this module need not import the decoder's
+# NumPy and Pillow; tests/test_config.py checks that they agree).
+DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
-def _flag(name: str) -> str:
+def flag(help: str, default: Any = dataclasses.MISSING) -> Any:
+    """A config field: its flag's help text and default (no default: a required flag)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+
+@dataclass
+class TrainConfig:
+    """Train the completion network and context discriminator (Iizuka et al. 2017) on Ray Train."""
+
+    images: str = flag("URI prefix of the training images (s3://, gs://, local)")
+    output: str = flag("URI of the exported final completion-network checkpoint (what jobs.inpaint loads)")
+    storage_path: str | None = flag(
+        "Ray Train run storage (checkpoints, progress images); default: '<output>-runs'", None
+    )
+    run_name: str = flag("run directory under storage_path; the same name resumes", "glcic-train")
+    num_workers: int = flag("Ray Train workers (one GPU each with use_gpu)", 1)
+    use_gpu: bool = flag("train on GPUs: DDP over NCCL (CPU: gloo)", False)
+    cpus_per_worker: float = flag("CPUs per training worker; leave some for the Ray Data read tasks", 1.0)
+    data_cpus: float = flag("CPUs per Ray Data read/decode/crop task", 0.5)
+    width: float = flag("channel-width multiplier of both networks (paper: 1.0)", 1.0)
+    image_size: int = flag("training crop size (paper: 256)", 256)
+    local_size: int = flag("local discriminator patch size (paper: 128)", 128)
+    hole_min: int = flag("smallest hole side in pixels (paper: 96)", 96)
+    hole_max: int = flag("largest hole side in pixels (paper: 128)", 128)
+    batch_size: int = flag("images per step over all workers (paper: 96)", 96)
+    tc: int = flag("phase 1 steps: completion network on MSE (paper: 90,000)", 90_000)
+    td: int = flag("phase 2 steps: discriminator alone (paper: 10,000)", 10_000)
+    t_train: int = flag("total steps; phase 3 (joint) runs until here (paper: 500,000)", 500_000)
+    optimizer: Literal["adadelta", "adam"] = flag("optimizer (paper: adadelta)", "adadelta")
+    lr_g: float = flag("completion network learning rate (paper: Adadelta's 1.0)", 1.0)
+    lr_d: float = flag("discriminator learning rate (paper: Adadelta's 1.0)", 1.0)
+    alpha: float = flag("weight of the adversarial loss in phase 3 (paper: 0.0004)", 0.0004)
+    val_images: str | None = flag("URI prefix of validation images; default: hold out val_fraction", None)
+    val_fraction: float = flag("fraction of images held out for validation when val_images is unset", 0.01)
+    val_limit: int = flag("validation images evaluated (the first by key)", 16)
+    val_every: int = flag("steps between validations (hole L1, PSNR, SSIM, PNG grid)", 1000)
+    checkpoint_every: int = flag("steps between checkpoints (also at phase ends)", 1000)
+    keep_checkpoints: int = flag("latest checkpoints kept in storage_path", 3)
+    log_every: int = flag("steps between metric reports", 100)
+    max_failures: int = flag("worker failures recovered from the latest checkpoint", 3)
+    precision: Literal["fp32", "bf16"] = flag("bf16 autocast on GPU", "fp32")
+    channels_last: bool = flag("channels_last memory format (faster convs on GPU)", True)
+    seed: int = flag("seed of weights, masks and the validation split", 0)
+    endpoint_url: str | None = flag("S3-compatible endpoint (else from env)", None)
+    min_epoch_steps: int = flag(
+        "a small training set is listed several times per epoch so an epoch is at least this many "
+        "steps (each copy gets its own random crop); 1 = each image once",
+        16,
+    )
+    log_shard_keys: bool = flag("write the keys each worker read in its first epoch to <run>/shards/", False)
+
+    def __post_init__(self):
+        if self.storage_path is None:
+            self.storage_path = self.output.rstrip("/") + "-runs"
+        problems = []
+        if not 0 <= self.tc <= self.t_train or not 0 <= self.td or self.tc + self.td > self.t_train:
+            problems.append(
+                f"need 0 <= tc ({self.tc}) and tc + td ({self.tc + self.td}) <= t_train ({self.t_train})"
+            )
+        if self.image_size % 4 or self.local_size % 4 or not 4 <= self.local_size <= self.image_size:
+            problems.append(
+                f"image_size ({self.image_size}) and local_size ({self.local_size}) must be multiples of 4 "
+                "with local_size <= image_size"
+            )
+        if not 1 <= self.hole_min <= self.hole_max <= self.local_size:
+            problems.append(
+                f"need 1 <= hole_min <= hole_max <= local_size, got {self.hole_min}..{self.hole_max}"
+            )
+        if self.num_workers < 1 or self.batch_size % self.num_workers:
+            problems.append(
+                f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})"
+            )
+        problems += _at_least_one(
+            self,
+            "val_every",
+            "checkpoint_every",
+            "log_every",
+            "keep_checkpoints",
+            "val_limit",
+            "min_epoch_steps",
+        )
+        _raise_if(self, problems)
+
+    @property
+    def hole_range(self) -> tuple[int, int]:
+        return (self.hole_min, self.hole_max)
+
+    def phase(self, step: int) -> int:
+        """The phase that runs the update of ``step`` (0-based)."""
+        if step < self.tc:
+            return 1
+        return 2 if step < self.tc + self.td else 3
+
+    def run_uri(self) -> str:
+        from pipeline import storage
+
+        return storage.join_key(self.storage_path.rstrip("/"), self.run_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inpainting.
+
+
+@dataclass
+class InpaintConfig:
+    """Complete every image under --images with a trained generator; write results and a Parquet manifest."""
+
+    images: str = flag(
+        "input images: a prefix (s3://, gs://, local, any fsspec URI) or a list file (.txt/.lst, one key "
+        "or URI a line)"
+    )
+    output: str = flag("prefix for the completed images, at the inputs' relative keys")
+    checkpoint: str = flag("checkpoint prefix (config.json + generator.safetensors)")
+    masks: str | None = flag(
+        "prefix of hole masks at the images' relative keys (or with a .png suffix), white = hole; "
+        "none: generate masks",
+        None,
+    )
+    manifest: str | None = flag("prefix for the Parquet manifest (default: <output>/_manifest)", None)
+    mask_generator: Literal["rectangle", "freeform"] = flag(
+        "mask generator when --masks is not given; seeded by --mask-seed and the image key", "rectangle"
+    )
+    mask_seed: int = flag("seed of the generated masks (with the image key: reruns get the same masks)", 0)
+    output_format: Literal["png", "same"] = flag(
+        "png: <key>.png (keys already ending in .png unchanged); same: the input's key and format", "png"
+    )
+    write_masks: bool = flag("also write the mask used, as PNG under <output>/_masks/", False)
+    postprocess: bool = flag(
+        "the paper's post-processing (fast marching + Poisson blending) on the CPU after inference", True
+    )
+    batch_size: int = flag("images per inference batch (split into same-size buckets)", 16)
+    task_batch_size: int = flag(
+        "images per read/decode and encode/write task (and keys per listed block), independent of "
+        "--batch-size so small inference batches do not multiply task launches",
+        64,
+    )
+    num_actors: int = flag("inference actors; 0: one per GPU on a GPU cluster, else one per 4 CPUs", 0)
+    num_gpus_per_actor: float | None = flag(
+        "GPUs per inference actor; default: 1 on a cluster with GPUs, else 0", None
+    )
+    num_cpus_per_actor: float = flag("CPUs per inference actor (also its torch threads on CPU)", 1.0)
+    num_cpus_per_task: float = flag(
+        "CPUs per read/decode and encode/write task; fractional so they never starve beside the actors", 0.5
+    )
+    max_pixels: int = flag(
+        "larger images are refused with an error row (decompression bombs, out-of-memory)", DEFAULT_MAX_PIXELS
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = flag("fp32, or bf16/fp16 autocast (meant for GPUs)", "fp32")
+    channels_last: bool = flag("channels_last memory format for the network (faster on recent GPUs)", False)
+    skip_existing: bool = flag("resume: skip images with an ok row in an earlier run's manifest", True)
+    endpoint_url: str | None = flag(
+        "S3-compatible endpoint (default: GLCIC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)", None
+    )
+    run_id: str | None = flag(
+        "this run's id (a fresh one by default; must not exist under the manifest yet)", None
+    )
+    limit: int | None = flag("process at most this many listed images", None)
+    manifest_rows_per_part: int = flag("rows per manifest Parquet file", 4096)
+    manifest_flush_s: float = flag("write a manifest part at least this often (seconds), full or not", 30.0)
+    log_every_s: float = flag("seconds between progress lines in the job log", 10.0)
+
+    def __post_init__(self):
+        problems = []
+        if not self.images or not self.output or not self.checkpoint:
+            problems.append("--images, --output and --checkpoint are required")
+        problems += _at_least_one(
+            self, "batch_size", "task_batch_size", "manifest_rows_per_part", "max_pixels"
+        )
+        if self.num_actors < 0 or self.num_cpus_per_actor < 0 or self.num_cpus_per_task <= 0:
+            problems.append("--num-actors and --num-cpus-per-actor must be >= 0, --num-cpus-per-task > 0")
+        if self.limit is not None and self.limit < 1:
+            problems.append("--limit must be at least 1")
+        if self.run_id is not None:
+            from pipeline.storage import UnsafeKeyError, safe_relative_key
+
+            try:
+                safe_relative_key(f"run_id={self.run_id}")
+            except UnsafeKeyError as e:
+                problems.append(f"--run-id: {e}")
+            if "/" in self.run_id:
+                problems.append("--run-id must not contain '/'")
+        _raise_if(self, problems)
+
+    @property
+    def manifest_uri(self) -> str:
+        return self.manifest or f"{self.output.rstrip('/')}/_manifest"
+
+
+def _at_least_one(config: Any, *names: str) -> list[str]:
+    return [f"--{name.replace('_', '-')} must be at least 1" for name in names if getattr(config, name) < 1]
+
+
+def _raise_if(config: Any, problems: list[str]) -> None:
+    if problems:
+        raise ValueError(f"bad {type(config).__name__}: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# The flags engine: dataclass fields <-> typer options <-> argv.
+
+
+def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return inspect.Parameter.empty
 
 
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0])
+def _option_type(hint: Any) -> Any:
+    """``int | None`` -> ``int``; ``Literal[...]``, ``bool``, ``int``, ``float``, ``str`` as they are."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else str
+    if typing.get_origin(hint) is Literal or hint in (bool, int, float, str):
+        return hint
+    raise TypeError(f"no command-line flag for a {hint!r} field")
+
+
+def config_parameters(cls: type) -> list[inspect.Parameter]:
+    """One keyword-only typer option per field of ``cls``: its type, default and help."""
+    import typer
+
     hints = typing.get_type_hints(cls)
+    params = []
     for f in dataclasses.fields(cls):
-        tp = _base_type(hints[f.name])
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name}
-        if not required:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kwargs["default"] = default
-            kwargs["help"] += f" (default: {default})"
-        else:
-            kwargs["required"] = True
-        if typing.get_origin(tp) is typing.Literal:
-            kwargs["choices"] = list(typing.get_args(tp))
-        elif tp is bool:
-            kwargs["type"] = _parse_bool
-            kwargs["metavar"] = "BOOL"
-        elif typing.get_origin(tp) in (tuple, list):
-            elem = typing.get_args(tp)[0]
-            kwargs["type"] = elem
-            kwargs["nargs"] = "+"
-        else:
-            kwargs["type"] = tp
-        parser.add_argument(_flag(f.name), **kwargs)
-    return parser
+        tp = _option_type(hints[f.name])
+        default = _default(f)
+        optional = tp if typing.get_origin(tp) is Literal or tp is bool else tp | None
+        annotation = Annotated[optional, typer.Option(help=f.metadata.get("help", ""))]
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+        )
+    return params
 
 
-def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
-    ns = build_parser(cls).parse_args(argv)
-    values = vars(ns)
-    hints = typing.get_type_hints(cls)
-    for name, value in values.items():
-        if typing.get_origin(_base_type(hints[name])) is tuple and isinstance(value, list):
-            values[name] = tuple(value)
-    return cls(**values)
+def with_signature(function: Callable, params: list[inspect.Parameter]) -> Callable:
+    """``function(**values)`` presented to typer as taking ``params``."""
+    function.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    function.__annotations__ = {p.name: p.annotation for p in params}
+    return function
+
+
+def parse_config(cls: type[C], argv: list[str] | None = None, prog_name: str | None = None) -> C:
+    """The config that ``argv`` describes; bad flags print click's usage error and exit 2."""
+    import typer
+
+    command = with_signature(lambda **values: cls(**values), config_parameters(cls))
+    command.__doc__ = cls.__doc__
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    click_command = typer.main.get_command(app)
+    try:
+        result = click_command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except ValueError as e:  # __post_init__'s checks
+        raise SystemExit(f"error: {e}") from None
+    except Exception as e:
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # click's usage errors
+            e.show()
+            raise SystemExit(e.exit_code) from None
+        raise
+    if not isinstance(result, cls):  # --help printed; click returns its exit code
+        raise SystemExit(result or 0)
+    return result
 
 
 def to_argv(config: Any) -> list[str]:
@@ -83,18 +306,12 @@ def to_argv(config: Any) -> list[str]:
     argv: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        )  # fmt: skip
-        if has_default and value == default:
+        if value is None or value == _default(f):
             continue
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)):
-            argv += [_flag(f.name), *[str(v) for v in value]]
+        if isinstance(value, bool):
+            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
         else:
-            argv += [_flag(f.name), str(value).lower() if isinstance(value, bool) else str(value)]
+            argv += [flag_name(f.name), str(value)]
     return argv
 
 

@@ -30,78 +30,21 @@ import sys
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Literal
 
 import numpy as np
 
-from jobs.config import parse_config, print_config, save_config, to_dict
+from jobs.config import InpaintConfig, parse_config, print_config, save_config, to_dict
 from pipeline import manifest as manifest_lib
 from pipeline import storage
-from pipeline.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("glcic.inpaint")
 
 KEY_ROW_BYTES = 256  # a listed row (key + URI), for sizing blocks of keys
 
 
-@dataclass
-class InpaintConfig:
-    """Complete every image under --images with a trained generator; write results and a Parquet manifest."""
-
-    images: str = field(metadata={"help": "input images: a prefix (s3://, gs://, local, any fsspec URI) or a list file (.txt/.lst, one key or URI a line)"})  # fmt: skip
-    output: str = field(metadata={"help": "prefix for the completed images, at the inputs' relative keys"})
-    checkpoint: str = field(metadata={"help": "checkpoint prefix (config.json + generator.safetensors)"})
-    masks: str | None = field(default=None, metadata={"help": "prefix of hole masks at the images' relative keys (or with a .png suffix), white = hole; none: generate masks"})  # fmt: skip
-    manifest: str | None = field(default=None, metadata={"help": "prefix for the Parquet manifest (default: <output>/_manifest)"})  # fmt: skip
-    mask_generator: Literal["rectangle", "freeform"] = field(default="rectangle", metadata={"help": "mask generator when --masks is not given; seeded by --mask-seed and the image key"})  # fmt: skip
-    mask_seed: int = field(default=0, metadata={"help": "seed of the generated masks (with the image key: reruns get the same masks)"})  # fmt: skip
-    output_format: Literal["png", "same"] = field(default="png", metadata={"help": "png: <key>.png (keys already ending in .png unchanged); same: the input's key and format"})  # fmt: skip
-    write_masks: bool = field(default=False, metadata={"help": "also write the mask used, as PNG under <output>/_masks/"})  # fmt: skip
-    postprocess: bool = field(default=True, metadata={"help": "the paper's post-processing (fast marching + Poisson blending) on the CPU after inference"})  # fmt: skip
-    batch_size: int = field(default=16, metadata={"help": "images per inference batch (split into same-size buckets)"})  # fmt: skip
-    task_batch_size: int = field(default=64, metadata={"help": "images per read/decode and encode/write task (and keys per listed block), independent of --batch-size so small inference batches do not multiply task launches"})  # fmt: skip
-    num_actors: int = field(default=0, metadata={"help": "inference actors; 0: one per GPU on a GPU cluster, else one per 4 CPUs"})  # fmt: skip
-    num_gpus_per_actor: float | None = field(default=None, metadata={"help": "GPUs per inference actor; default: 1 on a cluster with GPUs, else 0"})  # fmt: skip
-    num_cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per inference actor (also its torch threads on CPU)"})  # fmt: skip
-    num_cpus_per_task: float = field(default=0.5, metadata={"help": "CPUs per read/decode and encode/write task; fractional so they never starve beside the actors"})  # fmt: skip
-    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "larger images are refused with an error row (decompression bombs, out-of-memory)"})  # fmt: skip
-    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={"help": "fp32, or bf16/fp16 autocast (meant for GPUs)"})  # fmt: skip
-    channels_last: bool = field(default=False, metadata={"help": "channels_last memory format for the network (faster on recent GPUs)"})  # fmt: skip
-    skip_existing: bool = field(default=True, metadata={"help": "resume: skip images with an ok row in an earlier run's manifest"})  # fmt: skip
-    endpoint_url: str | None = field(default=None, metadata={"help": "S3-compatible endpoint (default: GLCIC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)"})  # fmt: skip
-    run_id: str | None = field(default=None, metadata={"help": "this run's id (a fresh one by default; must not exist under the manifest yet)"})  # fmt: skip
-    limit: int | None = field(default=None, metadata={"help": "process at most this many listed images"})
-    manifest_rows_per_part: int = field(default=4096, metadata={"help": "rows per manifest Parquet file"})
-    manifest_flush_s: float = field(default=30.0, metadata={"help": "write a manifest part at least this often (seconds), full or not"})  # fmt: skip
-    log_every_s: float = field(
-        default=10.0, metadata={"help": "seconds between progress lines in the job log"}
-    )
-
-
-def manifest_uri(config: InpaintConfig) -> str:
-    return config.manifest or f"{config.output.rstrip('/')}/_manifest"
-
-
 def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-
-
-def validate(config: InpaintConfig) -> None:
-    if not config.images or not config.output or not config.checkpoint:
-        raise ValueError("--images, --output and --checkpoint are required")
-    for name in ("batch_size", "task_batch_size", "manifest_rows_per_part", "max_pixels"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.num_actors < 0 or config.num_cpus_per_actor < 0 or config.num_cpus_per_task <= 0:
-        raise ValueError("--num-actors and --num-cpus-per-actor must be >= 0, --num-cpus-per-task > 0")
-    if config.limit is not None and config.limit < 1:
-        raise ValueError("--limit must be at least 1")
-    if config.run_id is not None:
-        storage.safe_relative_key(f"run_id={config.run_id}")
-        if "/" in config.run_id:
-            raise ValueError("--run-id must not contain '/'")
 
 
 def actor_resources(config: InpaintConfig, cluster: dict) -> tuple[int, float, float]:
@@ -120,10 +63,12 @@ def actor_resources(config: InpaintConfig, cluster: dict) -> tuple[int, float, f
 
 def check_checkpoint(config: InpaintConfig) -> None:
     """Fail before any work if the checkpoint is not complete (its config.json is written last)."""
+    from pipeline.checkpoint import CONFIG_FILE, is_complete
+
     fs, root = storage.filesystem(config.checkpoint, config.endpoint_url)
     fs.invalidate_cache()
-    if not fs.exists(storage.join_key(root, "config.json")):
-        raise FileNotFoundError(f"no complete checkpoint at {config.checkpoint!r} (config.json missing)")
+    if not is_complete(fs, root):
+        raise FileNotFoundError(f"no complete checkpoint at {config.checkpoint!r} ({CONFIG_FILE} missing)")
 
 
 def resume_index(manifest: str, endpoint_url: str | None) -> tuple[int, np.ndarray]:
@@ -131,14 +76,14 @@ def resume_index(manifest: str, endpoint_url: str | None) -> tuple[int, np.ndarr
     return len(digests), digests
 
 
-def build_dataset(config: InpaintConfig, run_id: str, index_ref):
+def build_dataset(config: InpaintConfig, index_ref):
     import ray
 
     from pipeline.inference import InpaintPredictor, crash_hook_from_env
     from pipeline.inpaint_data import ReadOptions, list_images, read_decode
     from pipeline.writer import WriteOptions, encode_write
 
-    manifest = manifest_uri(config)
+    manifest = config.manifest_uri
     num_actors, num_gpus, num_cpus = actor_resources(config, ray.cluster_resources())
     task_cpus = config.num_cpus_per_task
     ds = ray.data.from_items([{"source": config.images}])
@@ -211,9 +156,8 @@ def run(config: InpaintConfig) -> dict:
     """Run the job to the end; return the summary also written as ``_SUCCESS.json``."""
     import ray
 
-    validate(config)
     run_id = config.run_id or new_run_id()
-    manifest = manifest_uri(config)
+    manifest = config.manifest_uri
     if manifest_lib.run_exists(manifest, run_id, config.endpoint_url):
         raise ValueError(
             f"run {run_id!r} already has a manifest under {manifest!r}; rerun without --run-id to resume"
@@ -235,7 +179,7 @@ def run(config: InpaintConfig) -> dict:
             manifest, config.endpoint_url
         )
         print(f"resuming: {ray.get(count_ref)} images already completed under {manifest}")
-    ds = build_dataset(config, run_id, index_ref)
+    ds = build_dataset(config, index_ref)
 
     writer = manifest_lib.ManifestWriter(
         manifest, run_id, config.manifest_rows_per_part, config.manifest_flush_s, config.endpoint_url
@@ -291,7 +235,7 @@ def run(config: InpaintConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = parse_config(InpaintConfig, argv)
+    config = parse_config(InpaintConfig, argv, prog_name="python -m jobs.inpaint")
     summary = run(config)
     print(f"summary: {summary['counts']}")
     return 0

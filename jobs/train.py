@@ -27,26 +27,25 @@ import posixpath
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
 
-from jobs.config import parse_config, print_config, save_config, to_dict
-from model.checkpoint import CONFIG_FILE, ModelConfig, load_checkpoint, save_checkpoint
-from model.completion import CompletionNetwork, composite, prepare_input
+from jobs.config import TrainConfig, parse_config, print_config, save_config, to_dict
+from model.completion import CompletionNetwork, images_to_tensor
 from model.discriminator import ContextDiscriminator
-from model.losses import (
-    discriminator_loss,
-    generator_adversarial_loss,
-    hole_l1,
-    hole_mse,
-    psnr,
-    ssim,
+from model.gan import (
+    complete,
+    completion_step,
+    discriminator_step,
+    evaluate,
+    joint_generator_step,
+    make_optimizer,
+    progress_grid,
+    unwrap,
 )
 from pipeline import storage, train_data
+from pipeline.checkpoint import CONFIG_FILE, ModelConfig, load_checkpoint, save_checkpoint
 
 # Test-only fault injection, read by the workers (propagated to them by ``run``): the worker of
 # rank 0 calls os._exit at the given step, once (the marker file records that it happened).
@@ -55,270 +54,12 @@ KILL_IN_UPLOAD_ENV = "GLCIC_TEST_KILL_IN_UPLOAD_AT_STEP"  # while uploading that
 KILL_MARKER_ENV = "GLCIC_TEST_KILL_MARKER"
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
-@dataclass
-class TrainConfig:
-    """Train the completion network and context discriminator (Iizuka et al. 2017) on Ray Train."""
-
-    images: str = field(metadata=_help("URI prefix of the training images (s3://, gs://, local)"))
-    output: str = field(
-        metadata=_help("URI of the exported final completion-network checkpoint (what jobs.inpaint loads)")
-    )
-    storage_path: str | None = field(
-        default=None,
-        metadata=_help("Ray Train run storage (checkpoints, progress images); default: '<output>-runs'"),
-    )
-    run_name: str = field(
-        default="glcic-train", metadata=_help("run directory under storage_path; the same name resumes")
-    )
-    num_workers: int = field(default=1, metadata=_help("Ray Train workers (one GPU each with use_gpu)"))
-    use_gpu: bool = field(default=False, metadata=_help("train on GPUs: DDP over NCCL (CPU: gloo)"))
-    cpus_per_worker: float = field(
-        default=1.0, metadata=_help("CPUs per training worker; leave some for the Ray Data read tasks")
-    )
-    data_cpus: float = field(default=0.5, metadata=_help("CPUs per Ray Data read/decode/crop task"))
-    width: float = field(
-        default=1.0, metadata=_help("channel-width multiplier of both networks (paper: 1.0)")
-    )
-    image_size: int = field(default=256, metadata=_help("training crop size (paper: 256)"))
-    local_size: int = field(default=128, metadata=_help("local discriminator patch size (paper: 128)"))
-    hole_min: int = field(default=96, metadata=_help("smallest hole side in pixels (paper: 96)"))
-    hole_max: int = field(default=128, metadata=_help("largest hole side in pixels (paper: 128)"))
-    batch_size: int = field(default=96, metadata=_help("images per step over all workers (paper: 96)"))
-    tc: int = field(
-        default=90_000, metadata=_help("phase 1 steps: completion network on MSE (paper: 90,000)")
-    )
-    td: int = field(default=10_000, metadata=_help("phase 2 steps: discriminator alone (paper: 10,000)"))
-    t_train: int = field(
-        default=500_000, metadata=_help("total steps; phase 3 (joint) runs until here (paper: 500,000)")
-    )
-    optimizer: Literal["adadelta", "adam"] = field(
-        default="adadelta", metadata=_help("optimizer (paper: adadelta)")
-    )
-    lr_g: float = field(
-        default=1.0, metadata=_help("completion network learning rate (paper: Adadelta's 1.0)")
-    )
-    lr_d: float = field(default=1.0, metadata=_help("discriminator learning rate (paper: Adadelta's 1.0)"))
-    alpha: float = field(
-        default=0.0004, metadata=_help("weight of the adversarial loss in phase 3 (paper: 0.0004)")
-    )
-    val_images: str | None = field(
-        default=None, metadata=_help("URI prefix of validation images; default: hold out val_fraction")
-    )
-    val_fraction: float = field(
-        default=0.01, metadata=_help("fraction of images held out for validation when val_images is unset")
-    )
-    val_limit: int = field(default=16, metadata=_help("validation images evaluated (the first by key)"))
-    val_every: int = field(
-        default=1000, metadata=_help("steps between validations (hole L1, PSNR, SSIM, PNG grid)")
-    )
-    checkpoint_every: int = field(
-        default=1000, metadata=_help("steps between checkpoints (also at phase ends)")
-    )
-    keep_checkpoints: int = field(default=3, metadata=_help("latest checkpoints kept in storage_path"))
-    log_every: int = field(default=100, metadata=_help("steps between metric reports"))
-    max_failures: int = field(
-        default=3, metadata=_help("worker failures recovered from the latest checkpoint")
-    )
-    precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=_help("bf16 autocast on GPU"))
-    channels_last: bool = field(
-        default=True, metadata=_help("channels_last memory format (faster convs on GPU)")
-    )
-    seed: int = field(default=0, metadata=_help("seed of weights, masks and the validation split"))
-    endpoint_url: str | None = field(default=None, metadata=_help("S3-compatible endpoint (else from env)"))
-    min_epoch_steps: int = field(
-        default=16,
-        metadata=_help(
-            "a small training set is listed several times per epoch so an epoch is at least this many "
-            "steps (each copy gets its own random crop); 1 = each image once"
-        ),
-    )
-    log_shard_keys: bool = field(
-        default=False, metadata=_help("write the keys each worker read in its first epoch to <run>/shards/")
-    )
-
-    def __post_init__(self):
-        if self.storage_path is None:
-            self.storage_path = self.output.rstrip("/") + "-runs"
-        problems = []
-        if not 0 <= self.tc <= self.t_train or not 0 <= self.td or self.tc + self.td > self.t_train:
-            problems.append(
-                f"need 0 <= tc ({self.tc}) and tc + td ({self.tc + self.td}) <= t_train ({self.t_train})"
-            )
-        if self.image_size % 4 or self.local_size % 4 or not 4 <= self.local_size <= self.image_size:
-            problems.append(
-                f"image_size ({self.image_size}) and local_size ({self.local_size}) must be multiples of 4 "
-                "with local_size <= image_size"
-            )
-        if not 1 <= self.hole_min <= self.hole_max <= self.local_size:
-            problems.append(
-                f"need 1 <= hole_min <= hole_max <= local_size, got {self.hole_min}..{self.hole_max}"
-            )
-        if self.num_workers < 1 or self.batch_size % self.num_workers:
-            problems.append(
-                f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})"
-            )
-        for name in (
-            "val_every",
-            "checkpoint_every",
-            "log_every",
-            "keep_checkpoints",
-            "val_limit",
-            "min_epoch_steps",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
-        if problems:
-            raise ValueError("bad TrainConfig: " + "; ".join(problems))
-
-    @property
-    def hole_range(self) -> tuple[int, int]:
-        return (self.hole_min, self.hole_max)
-
-    def phase(self, step: int) -> int:
-        """The phase that runs the update of ``step`` (0-based)."""
-        if step < self.tc:
-            return 1
-        return 2 if step < self.tc + self.td else 3
-
-    def run_uri(self) -> str:
-        return storage.join_key(self.storage_path.rstrip("/"), self.run_name)
-
-
-# ---------------------------------------------------------------------------------------------
-# One update of each kind. Plain functions of modules and tensors, so tests can run them alone.
-
-
-def crop_patches(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """The ``size`` x ``size`` local patch at ``boxes[:, :2]`` (y, x) of every image, gathered at once."""
-    offsets = torch.arange(size, device=images.device)
-    ys = (boxes[:, 0:1] + offsets)[:, :, None]  # (N, P, 1)
-    xs = (boxes[:, 1:2] + offsets)[:, None, :]  # (N, 1, P)
-    n = torch.arange(images.shape[0], device=images.device)[:, None, None]
-    return images.permute(0, 2, 3, 1)[n, ys, xs].permute(0, 3, 1, 2)
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """No parameter of ``module`` records a gradient inside the block."""
-    flags = [p.requires_grad for p in module.parameters()]
-    for p in module.parameters():
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, flag in zip(module.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-
-
-def bare(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return getattr(module, "module", module)
-
-
-def complete(generator: nn.Module, images, masks, mean_pixel) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(raw network output, composited image)``: what the losses and the discriminator see."""
-    output = generator(prepare_input(images, masks, mean_pixel))
-    return output, composite(images, masks, output.to(images.dtype))
-
-
-def completion_step(generator, optimizer, images, masks, mean_pixel) -> float:
-    """Phase 1: one update of the completion network on the hole MSE."""
-    output, _ = complete(generator, images, masks, mean_pixel)
-    loss = hole_mse(output, images, masks)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-def discriminator_step(discriminator, optimizer, images, completed, boxes, local_size: int) -> float:
-    """One update of the context discriminator: real images vs completed (composited) ones.
-
-    Real and fake go through one forward pass so BatchNorm normalises both with the same batch
-    statistics (the discriminator cannot tell them apart by batch statistics alone) and DDP
-    reduces once. ``completed`` is detached: this step never touches the completion network.
-    """
-    fake = completed.detach()
-    both = torch.cat([images, fake])
-    patches = crop_patches(both, torch.cat([boxes, boxes]), local_size)
-    logits = discriminator(both, patches)
-    n = images.shape[0]
-    loss = discriminator_loss(logits[:n], logits[n:])
-    # set_to_none: nothing but this loss contributes to the step below.
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-def joint_generator_step(
-    generator_optimizer, discriminator, output, completed, images, masks, boxes, local_size: int, alpha: float
-) -> tuple[float, float]:
-    """Phase 3: update the completion network on MSE + alpha * adversarial loss.
-
-    The discriminator's bare module runs with its parameters frozen: the adversarial gradient
-    flows through it into the completion network but leaves no ``.grad`` on it (and, outside DDP,
-    no gradient all-reduce of the discriminator is triggered).
-    """
-    mse = hole_mse(output, images, masks)
-    with frozen(bare(discriminator)) as critic:
-        adversarial = generator_adversarial_loss(
-            critic(completed, crop_patches(completed, boxes, local_size))
-        )
-    loss = mse + alpha * adversarial
-    generator_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    generator_optimizer.step()
-    return mse.item(), adversarial.item()
-
-
-def make_optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
-    if kind == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr)
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
-    raise ValueError(f"unknown optimizer {kind!r}")
-
-
-@torch.no_grad()
-def evaluate(generator: nn.Module, images, masks, mean_pixel) -> tuple[dict[str, float], torch.Tensor]:
-    """Hole L1, PSNR and SSIM of the completed validation images; also returns the completions."""
-    module = bare(generator)
-    was_training = module.training
-    module.eval()
-    try:
-        _, completed = complete(module, images, masks, mean_pixel)
-    finally:
-        module.train(was_training)
-    metrics = {
-        "val_hole_l1": hole_l1(completed, images, masks).item(),
-        "val_psnr": psnr(completed, images).mean().item(),
-        "val_ssim": ssim(completed, images).mean().item(),
-    }
-    return metrics, completed
-
-
-def progress_grid(images, masks, completed, mean_pixel, rows: int = 8) -> np.ndarray:
-    """input | mask | output | truth, one validation image per row, as RGB uint8."""
-    n = min(rows, images.shape[0])
-    masked = prepare_input(images[:n], masks[:n], mean_pixel)[:, :3]
-    columns = [masked, masks[:n].expand(-1, 3, -1, -1), completed[:n], images[:n]]
-    grid = torch.cat([torch.cat(list(c.float().cpu()), dim=1) for c in columns], dim=2)  # (3, n*S, 4*S)
-    return (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
 def write_png(uri: str, rgb: np.ndarray, endpoint_url: str | None) -> None:
-    import cv2
+    from pipeline.writer import encode
 
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError(f"could not encode {uri}")
     fs, path = storage.filesystem(uri, endpoint_url)
-    storage.with_retries(lambda: storage.atomic_write_bytes(fs, path, encoded.tobytes()))
+    data = encode(rgb, "png")
+    storage.with_retries(lambda: storage.atomic_write_bytes(fs, path, data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,13 +130,6 @@ def endless_batches(shard, batch_size: int, keys_log: list | None) -> Iterator[t
         epoch += 1
 
 
-def to_tensor(images_u8: np.ndarray, device, channels_last: bool) -> torch.Tensor:
-    # A copy: Ray hands out read-only views of its object store.
-    x = torch.from_numpy(np.array(images_u8, copy=True)).to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -447,7 +181,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     val = loop_config.get("val")
     if val is not None and rank == 0:
-        val_images = to_tensor(val["image"], device, config.channels_last)
+        val_images = images_to_tensor(val["image"], device, config.channels_last)
         val_masks_np, _ = train_data.validation_masks(
             val["key"], seed=config.seed, image_size=config.image_size, local_size=config.local_size,
             hole_range=config.hole_range,
@@ -469,7 +203,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             keys, step=step, seed=config.seed, image_size=config.image_size,
             local_size=config.local_size, hole_range=config.hole_range,
         )  # fmt: skip
-        images = to_tensor(images_u8, device, config.channels_last)
+        images = images_to_tensor(images_u8, device, config.channels_last)
         masks = torch.from_numpy(masks_np).to(device, non_blocking=True)
         boxes = torch.from_numpy(boxes_np).to(device)
 
@@ -479,8 +213,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             elif phase == 2:
                 # The completion network is fixed in phase 2: its bare module, no graph.
                 with torch.no_grad():
-                    _, completed = complete(bare(generator).eval(), images, masks, mean_pixel)
-                bare(generator).train()
+                    _, completed = complete(unwrap(generator).eval(), images, masks, mean_pixel)
+                unwrap(generator).train()
                 last = {
                     "loss_d": discriminator_step(
                         discriminator, opt_d, images, completed, boxes, config.local_size
@@ -597,11 +331,43 @@ def model_config(config: TrainConfig, mean_pixel, step: int, extra: dict) -> Mod
 # The driver.
 
 
+def build_trainer(config: TrainConfig, dataset, mean_pixel, val: dict | None, endpoint_url: str | None):
+    """The ``TorchTrainer`` of ``train_loop_per_worker`` over ``dataset`` (what ``run`` and
+    bench/train.py fit): scaling, run storage, failure handling and checkpoint retention from
+    ``config``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    storage_fs, storage_path = storage.pyarrow_filesystem(config.storage_path, endpoint_url)
+    test_hooks = {k: v for k, v in os.environ.items() if k.startswith("GLCIC_TEST_")}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": dataclasses.asdict(config),
+            "endpoint_url": endpoint_url,
+            "mean_pixel": list(mean_pixel),
+            "val": val,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+        ),
+        datasets={"train": dataset},
+        run_config=ray.train.RunConfig(
+            name=config.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            worker_runtime_env={"env_vars": test_hooks} if test_hooks else None,
+        ),
+    )
+
+
 def run(config: TrainConfig) -> str:
     """Train and export; return the URI of the final completion-network checkpoint."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     print_config(config)
     if not ray.is_initialized():
@@ -637,31 +403,7 @@ def run(config: TrainConfig) -> str:
         train_uris * copies, config.images, config.image_size, endpoint_url, num_cpus=config.data_cpus
     )
 
-    storage_fs, storage_path = storage.pyarrow_filesystem(config.storage_path, endpoint_url)
-    test_hooks = {k: v for k, v in os.environ.items() if k.startswith("GLCIC_TEST_")}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": dataclasses.asdict(config),
-            "endpoint_url": endpoint_url,
-            "mean_pixel": list(mean_pixel),
-            "val": val,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
-        ),
-        datasets={"train": dataset},
-        run_config=ray.train.RunConfig(
-            name=config.run_name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            worker_runtime_env={"env_vars": test_hooks} if test_hooks else None,
-        ),
-    )
+    trainer = build_trainer(config, dataset, mean_pixel, val, endpoint_url)
     started = time.perf_counter()
     result = trainer.fit()
     print(f"training took {time.perf_counter() - started:.1f} s")
@@ -673,7 +415,7 @@ def run(config: TrainConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    return run(parse_config(TrainConfig, argv))
+    return run(parse_config(TrainConfig, argv, prog_name="python -m jobs.train"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The networks of Iizuka et al. 2017, their hole masks, post-processing and checkpoints.
+"""The networks of Iizuka et al. 2017, their losses and training steps, hole masks and post-processing.
+
+Pure maths: torch, NumPy and OpenCV only. Nothing here reads or writes storage (that is
+``pipeline/``, which imports from here, never the other way; tests/test_layering.py checks it).
 
 The public names are re-exported lazily (PEP 562): ``from model.masks import generate_mask`` in a
 light Ray Data task must not import torch just because this package re-exports the networks.
@@ -10,14 +13,6 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "model.checkpoint": (
-        "CheckpointError",
-        "LoadedCheckpoint",
-        "ModelConfig",
-        "load_checkpoint",
-        "load_generator",
-        "save_checkpoint",
-    ),
     "model.completion": (
         "COMPLETION_LAYERS",
         "CompletionNetwork",
@@ -55,14 +50,6 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from model.checkpoint import (  # noqa: F401
-        CheckpointError,
-        LoadedCheckpoint,
-        ModelConfig,
-        load_checkpoint,
-        load_generator,
-        save_checkpoint,
-    )
     from model.completion import (  # noqa: F401
         COMPLETION_LAYERS,
         CompletionNetwork,

@@ -116,20 +116,27 @@ def padded_size(height: int, width: int, multiple: int = SIZE_MULTIPLE) -> tuple
     return (math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple)
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 or NxHxWx3 RGB -> float32 (N, 3, H, W) in [0, 1]."""
+def images_to_tensor(images: np.ndarray, device=None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 HxWx3 or NxHxWx3 RGB -> float32 (N, 3, H, W) in [0, 1], on ``device``.
+
+    The uint8 pixels cross to the device (a quarter of the float bytes) and are converted there.
+    """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 HxWx3 or NxHxWx3 images, got {images.dtype} {images.shape}")
     batch = images[None] if images.ndim == 3 else images
-    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div(255)
+    # A writable copy when needed: Ray hands out read-only views of its object store.
+    source = torch.from_numpy(batch if batch.flags.writeable and batch.flags.c_contiguous else batch.copy())
+    x = source.to(device or "cpu", non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
-def masks_to_tensor(masks: np.ndarray) -> torch.Tensor:
-    """uint8 HxW or NxHxW masks (nonzero = hole) -> float32 (N, 1, H, W) in {0, 1}."""
+def masks_to_tensor(masks: np.ndarray, device=None) -> torch.Tensor:
+    """uint8 HxW or NxHxW masks (nonzero = hole) -> float32 (N, 1, H, W) in {0, 1}, on ``device``."""
     masks = np.asarray(masks)
     batch = masks[None] if masks.ndim == 2 else masks
-    return torch.from_numpy(np.ascontiguousarray(batch != 0)).unsqueeze(1).float()
+    source = torch.from_numpy(np.ascontiguousarray(batch != 0))
+    return source.to(device or "cpu", non_blocking=True).unsqueeze(1).float()
 
 
 def tensor_to_images(images: torch.Tensor) -> np.ndarray:

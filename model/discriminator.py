@@ -110,20 +110,31 @@ class ContextDiscriminator(nn.Module):
         return self.classifier(features)
 
 
-def crop_patches(images: torch.Tensor, boxes) -> torch.Tensor:
-    """Stack the ``(y, x, h, w)`` boxes (one per image, all the same size) cut from ``images``.
+def crop_patches(images: torch.Tensor, boxes, size: int | None = None) -> torch.Tensor:
+    """The local discriminator's input: each image's ``(y, x, h, w)`` box (``RectangleMask.local_box``).
 
-    This is how the local discriminator's input is taken around each hole (``RectangleMask.local_box``).
+    One gather for the whole batch, so training on a GPU pays no per-image Python loop. Given
+    ``size`` (square boxes of that side, as training draws them) nothing is checked on the host, so
+    nothing waits for the device; without it the boxes are checked first (inside the image, all one
+    size) and the size is read from them.
     """
-    boxes = torch.as_tensor(boxes, dtype=torch.long).reshape(-1, 4).tolist()
-    if len(boxes) != images.shape[0]:
-        raise ValueError(f"{len(boxes)} boxes for {images.shape[0]} images")
-    if len({(h, w) for _, _, h, w in boxes}) > 1:
-        raise ValueError(f"boxes must all have the same size, got {sorted({(h, w) for _, _, h, w in boxes})}")
-    height, width = images.shape[-2:]
-    for y, x, h, w in boxes:
-        if y < 0 or x < 0 or y + h > height or x + w > width:
-            raise ValueError(f"box {(y, x, h, w)} is outside the {height}x{width} image")
-    return torch.stack(
-        [img[:, y : y + h, x : x + w] for img, (y, x, h, w) in zip(images, boxes, strict=True)]
-    )
+    boxes = torch.as_tensor(boxes, dtype=torch.long, device=images.device).reshape(-1, 4)
+    if size is not None:
+        h = w = size
+    else:
+        listed = boxes.tolist()
+        if len(listed) != images.shape[0]:
+            raise ValueError(f"{len(listed)} boxes for {images.shape[0]} images")
+        if len({(bh, bw) for _, _, bh, bw in listed}) > 1:
+            raise ValueError(
+                f"boxes must all have the same size, got {sorted({(bh, bw) for _, _, bh, bw in listed})}"
+            )
+        height, width = images.shape[-2:]
+        for y, x, bh, bw in listed:
+            if y < 0 or x < 0 or y + bh > height or x + bw > width:
+                raise ValueError(f"box {(y, x, bh, bw)} is outside the {height}x{width} image")
+        h, w = listed[0][2:] if listed else (0, 0)
+    ys = (boxes[:, 0:1] + torch.arange(h, device=images.device))[:, :, None]  # (N, h, 1)
+    xs = (boxes[:, 1:2] + torch.arange(w, device=images.device))[:, None, :]  # (N, 1, w)
+    n = torch.arange(images.shape[0], device=images.device)[:, None, None]
+    return images.permute(0, 2, 3, 1)[n, ys, xs].permute(0, 3, 1, 2)

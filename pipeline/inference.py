@@ -53,7 +53,7 @@ class InpaintPredictor:
     ):
         import ray
 
-        from model.checkpoint import load_generator
+        from pipeline.checkpoint import load_generator
 
         if precision not in ("fp32", *AUTOCAST_DTYPES):
             raise ValueError(f"precision must be fp32, bf16 or fp16, not {precision!r}")

@@ -91,8 +91,8 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     """A randomly initialised tiny generator (width 0.125), saved the way training saves one."""
     import torch
 
-    from model.checkpoint import ModelConfig, save_checkpoint
     from model.completion import CompletionNetwork
+    from pipeline.checkpoint import ModelConfig, save_checkpoint
 
     torch.manual_seed(0)
     uri = str(tmp_path_factory.mktemp("ckpt") / "tiny")

@@ -6,16 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from model.checkpoint import (
+from model.completion import CompletionNetwork
+from model.discriminator import ContextDiscriminator
+from pipeline import storage
+from pipeline.checkpoint import (
     CheckpointError,
     ModelConfig,
     load_checkpoint,
     load_generator,
     save_checkpoint,
 )
-from model.completion import CompletionNetwork
-from model.discriminator import ContextDiscriminator
-from pipeline import storage
 
 WIDTH = 0.125
 CONFIG = ModelConfig(

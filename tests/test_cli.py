@@ -66,8 +66,8 @@ def inputs(s3_server, photo_paths):
     """Two small photographs and an untrained tiny checkpoint, as a user's bucket would hold them."""
     import torch
 
-    from model.checkpoint import ModelConfig, save_checkpoint
     from model.completion import CompletionNetwork
+    from pipeline.checkpoint import ModelConfig, save_checkpoint
 
     fs = s3_server.filesystem()
     root = "s3://test/cli"
@@ -93,8 +93,7 @@ def test_every_flag_has_help_and_every_command_an_example():
     from typer.main import get_command
 
     from jobs.cli import app
-    from jobs.inpaint import InpaintConfig
-    from jobs.train import TrainConfig
+    from jobs.config import InpaintConfig, TrainConfig
 
     group = get_command(app)
     assert {"submit-train", "submit-inpaint", "status", "logs", "stop", "list"} <= set(group.commands)
@@ -327,8 +326,7 @@ def test_local_runs_the_job_on_an_embedded_ray(s3_server, inputs):
 def test_relative_local_paths_are_made_absolute_before_submitting(tmp_path, monkeypatch):
     # A job runs in its own unpacked working_dir, where the user's relative paths mean nothing.
     from jobs.cli import INPAINT, TRAIN, absolute_local_paths
-    from jobs.inpaint import InpaintConfig
-    from jobs.train import TrainConfig
+    from jobs.config import InpaintConfig, TrainConfig
 
     monkeypatch.chdir(tmp_path)
     config = absolute_local_paths(

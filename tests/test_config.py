@@ -3,22 +3,34 @@ from typing import Literal
 
 import pytest
 
-from jobs.config import parse_config, to_argv
+from jobs.config import (
+    DEFAULT_MAX_PIXELS,
+    InpaintConfig,
+    TrainConfig,
+    flag,
+    parse_config,
+    to_argv,
+)
 
 
 @dataclasses.dataclass
 class Example:
-    images: str = dataclasses.field(metadata={"help": "input URI"})
-    batch_size: int = dataclasses.field(default=8, metadata={"help": "images per batch"})
-    precision: Literal["fp32", "bf16"] = "fp32"
-    endpoint_url: str | None = None
-    postprocess: bool = False
-    hole_range: tuple[int, int] = (96, 128)
+    images: str = flag("input URI")
+    batch_size: int = flag("images per batch", 8)
+    precision: Literal["fp32", "bf16"] = flag("precision", "fp32")
+    endpoint_url: str | None = flag("endpoint", None)
+    postprocess: bool = flag("post-process", False)
+    channels_last: bool = flag("channels_last", True)
+    scale: float = flag("scale", 1.0)
 
 
 def test_flags_round_trip_through_argv():
-    cfg = Example(images="s3://b/p", batch_size=3, precision="bf16", postprocess=True, hole_range=(8, 16))
-    assert parse_config(Example, to_argv(cfg)) == cfg
+    cfg = Example(
+        images="s3://b/p", batch_size=3, precision="bf16", postprocess=True, channels_last=False, scale=0.5
+    )
+    argv = to_argv(cfg)
+    assert "--no-channels-last" in argv and "--postprocess" in argv
+    assert parse_config(Example, argv) == cfg
 
 
 def test_defaults_and_required_flags():
@@ -27,3 +39,25 @@ def test_defaults_and_required_flags():
         parse_config(Example, [])
     with pytest.raises(SystemExit):
         parse_config(Example, ["--images", "x", "--precision", "fp8"])
+
+
+def test_the_jobs_configs_round_trip_and_check_themselves():
+    train = TrainConfig(images="s3://b/photos", output="s3://b/model", tc=10, td=5, t_train=20, use_gpu=True)
+    assert parse_config(TrainConfig, to_argv(train)) == train
+    inpaint = InpaintConfig(images="in", output="out", checkpoint="ckpt", postprocess=False, num_actors=2)
+    assert parse_config(InpaintConfig, to_argv(inpaint)) == inpaint
+    with pytest.raises(ValueError, match="tc"):
+        TrainConfig(images="a", output="b", tc=30, td=0, t_train=20)
+    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+        InpaintConfig(images="in", output="out", checkpoint="ckpt", batch_size=0)
+    with pytest.raises(ValueError, match="run-id"):
+        InpaintConfig(images="in", output="out", checkpoint="ckpt", run_id="../x")
+    # A bad value on the job's own command line is one clear exit, not a traceback.
+    with pytest.raises(SystemExit, match="must be at least 1"):
+        parse_config(InpaintConfig, ["--images", "i", "--output", "o", "--checkpoint", "c", "--batch-size", "0"])
+
+
+def test_the_default_pixel_limit_is_the_decoders():
+    from pipeline.decode import DEFAULT_MAX_PIXELS as DECODER_DEFAULT
+
+    assert DEFAULT_MAX_PIXELS == DECODER_DEFAULT

@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.config import parse_config
+from jobs.config import InpaintConfig, parse_config
 from jobs.embedded import LocalS3Server
-from jobs.inpaint import InpaintConfig, run
+from jobs.inpaint import run
 from pipeline import storage
 from pipeline.decode import decode_image
 from pipeline.manifest import SUCCESS_FILE, read_manifest
@@ -339,7 +339,7 @@ def test_s3_outage_mid_run_is_retried_and_a_rerun_completes(ray_local, tmp_path,
         )
         output = "s3://fault/out"
         argv = [sys.executable, "-m", "jobs.inpaint", "--images", "s3://fault/in", "--output", output,
-                "--checkpoint", checkpoint, "--postprocess", "false", "--batch-size", "2", "--task-batch-size", "2",
+                "--checkpoint", checkpoint, "--no-postprocess", "--batch-size", "2", "--task-batch-size", "2",
                 "--manifest-rows-per-part", "2", "--num-actors", "1", "--num-cpus-per-actor", "0.5"]  # fmt: skip
         # Short client timeouts and fewer botocore attempts so that the outage outlasts them: the
         # retries of s3fs and of the pipeline (storage.with_retries) must carry requests through.

@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.inpaint import InpaintConfig, run
-from model.checkpoint import ModelConfig, save_checkpoint
+from jobs.config import InpaintConfig
+from jobs.inpaint import run
 from model.completion import CompletionNetwork
 from model.masks import generate_mask
 from pipeline import storage
+from pipeline.checkpoint import ModelConfig, save_checkpoint
 from pipeline.decode import decode_image
 from pipeline.manifest import MANIFEST_COLUMNS, read_manifest
 from tests.helpers import write_objects
@@ -366,7 +367,8 @@ def test_gpu_actors_pinned_and_killed_actor_recovers(tmp_path, photos):
     output = str(tmp_path / "out")
     script = f"""
 import ray
-from jobs.inpaint import InpaintConfig, run
+from jobs.config import InpaintConfig
+from jobs.inpaint import run
 ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
 ray.data.DataContext.get_current().wait_for_min_actors_s = 120  # both actors up before any batch
 run(InpaintConfig(images={images!r}, output={output!r}, checkpoint={checkpoint!r}, postprocess=False,
@@ -406,7 +408,7 @@ def test_killed_driver_then_resume(ray_local, tmp_path, photos, checkpoint):
     # Small task batches too: with the default 64, all 40 images travel as one block and the run
     # is over (bar _SUCCESS.json) by the time its first manifest part appears.
     argv = ["--images", images, "--output", output, "--checkpoint", checkpoint, "--batch-size", "2",
-            "--task-batch-size", "2", "--manifest-rows-per-part", "2", "--postprocess", "false"]  # fmt: skip
+            "--task-batch-size", "2", "--manifest-rows-per-part", "2", "--no-postprocess"]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.inpaint", *argv], env=_subprocess_env(), cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

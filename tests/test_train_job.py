@@ -12,9 +12,10 @@ import math
 import numpy as np
 import pytest
 
-from jobs.train import KILL_IN_UPLOAD_ENV, KILL_MARKER_ENV, TrainConfig, run
-from model.checkpoint import load_checkpoint, load_generator
+from jobs.config import TrainConfig
+from jobs.train import KILL_IN_UPLOAD_ENV, KILL_MARKER_ENV, run
 from pipeline import storage
+from pipeline.checkpoint import load_checkpoint, load_generator
 
 TINY = dict(
     width=0.125, image_size=32, local_size=16, hole_min=6, hole_max=12, batch_size=4,

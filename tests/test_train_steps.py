@@ -1,4 +1,4 @@
-"""The GAN updates of jobs/train.py run alone, on CPU, without Ray: losses, phases, no gradient leak."""
+"""The GAN updates of model/gan.py run alone, on CPU, without Ray: losses, phases, no gradient leak."""
 
 from __future__ import annotations
 
@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.train import (
-    TrainConfig,
-    complete,
-    completion_step,
-    crop_patches,
-    discriminator_step,
-    joint_generator_step,
-    make_optimizer,
-)
+from jobs.config import TrainConfig
 from model.completion import CompletionNetwork
-from model.discriminator import ContextDiscriminator
+from model.discriminator import ContextDiscriminator, crop_patches
+from model.gan import complete, completion_step, discriminator_step, joint_generator_step, make_optimizer
 from model.losses import discriminator_loss, hole_l1, hole_mse, psnr, ssim
 from pipeline.train_data import batch_masks, scale_and_crop
 

@@ -23,16 +23,15 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-from torch import nn
-
-from model.completion import CompletionNetwork
 from pipeline import storage
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the CLI checks checkpoints without it
+    import torch
+    from torch import nn
+
+    from model.completion import CompletionNetwork
 
 ARCHITECTURE = "glcic-completion"
 FORMAT_VERSION = 1
@@ -42,7 +41,10 @@ GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+def is_complete(fs, root: str) -> bool:
+    """Whether the checkpoint at ``root`` is complete: its config.json, written last, exists."""
+    return fs.exists(storage.join_key(root, CONFIG_FILE))
 
 
 class CheckpointError(Exception):
@@ -84,31 +86,16 @@ class ModelConfig:
 
 
 def unwrapped_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU, contiguous copies of ``module``'s state without DDP / torch.compile prefixes."""
-    state = {}
-    for key, tensor in module.state_dict().items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        state[key] = tensor.detach().to("cpu").contiguous()
-    return state
+    """CPU, contiguous copies of the bare module's state (no DDP / torch.compile prefixes)."""
+    from model.gan import unwrap
 
-
-def _bare(module: nn.Module) -> nn.Module:
-    while True:
-        inner = getattr(module, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(module, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner
+    return {key: t.detach().to("cpu").contiguous() for key, t in unwrap(module).state_dict().items()}
 
 
 def _optimizer_payload(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer's state into tensors (for safetensors) and the rest (for JSON)."""
+    import torch
+
     state_dict = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -139,6 +126,9 @@ def save_checkpoint(
     endpoint_url: str | None = None,
 ) -> str:
     """Write a checkpoint to the directory / prefix ``uri``; return ``uri``."""
+    import torch
+    from safetensors.torch import save as save_safetensors
+
     try:  # before any file is written: a bad config must not cost the old checkpoint
         json.dumps(config.to_dict())
     except (TypeError, ValueError) as e:
@@ -194,7 +184,9 @@ class LoadedCheckpoint:
         """Load the saved discriminator weights (strict) into ``discriminator`` (bare or wrapped)."""
         if self.discriminator_state is None:
             raise CheckpointError(f"{self.uri}: has no {DISCRIMINATOR_FILE}")
-        _load_strict(_bare(discriminator), self.discriminator_state, self.uri, DISCRIMINATOR_FILE)
+        from model.gan import unwrap
+
+        _load_strict(unwrap(discriminator), self.discriminator_state, self.uri, DISCRIMINATOR_FILE)
         return discriminator
 
     def restore_optimizer(self, name: str, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -269,6 +261,9 @@ def _read(fs, root: str, name: str, uri: str, files: dict) -> bytes:
 
 
 def _tensors(data: bytes, name: str, uri: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
     try:
         return load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -345,6 +340,8 @@ def load_checkpoint(
     files = document.get("files", {})
 
     generator_bytes = _read(fs, root, GENERATOR_FILE, uri, files)
+    from model.completion import CompletionNetwork
+
     generator = CompletionNetwork(width=config.width)
     _load_strict(generator, _tensors(generator_bytes, GENERATOR_FILE, uri), uri, GENERATOR_FILE)
     generator.to(device).eval()
