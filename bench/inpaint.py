@@ -129,7 +129,7 @@ def measure_naive(net, mean_pixel, inputs: Path, output: Path, args) -> float:
     paths = sorted(inputs.iterdir())[: args.rate_images]
     start = time.perf_counter()
     for path in paths:
-        image, _ = decode_image(path.read_bytes())
+        image = decode_image(path.read_bytes())
         mask = generate_mask("rectangle", *image.shape[:2], seed=0, key=path.name)
         with torch.inference_mode(), autocast(args.device, args.precision):
             out = net.complete(

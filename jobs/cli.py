@@ -236,17 +236,9 @@ def _submit_command(spec: JobSpec) -> Callable[..., None]:
 
 def _quick_filesystem(uri: str, endpoint_url: str | None):
     """The job's filesystem for ``uri``, but failing fast: a preflight must not retry for minutes."""
-    import fsspec
+    from pipeline.storage import filesystem
 
-    from pipeline.storage import storage_options_for
-
-    options = storage_options_for(uri, endpoint_url)
-    if "config_kwargs" in options:
-        options["config_kwargs"] = {
-            "retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 15,
-        }  # fmt: skip
-    fs, path = fsspec.core.url_to_fs(uri, **options)
-    return fs, path.rstrip("/") or path
+    return filesystem(uri, endpoint_url, fail_fast=True)
 
 
 def check_protocol(flag: str, uri: str) -> None:

@@ -1,6 +1,6 @@
 """Bytes -> RGB uint8, or a typed error that names what is wrong with the input.
 
-Every image the job meets goes through ``decode_image``: EXIF orientation is applied, every
+Every image the jobs meet, for inference and for training alike, goes through ``decode_image``: EXIF orientation is applied, every
 Pillow mode (1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, HSV, I;16*, I, F) ends as HxWx3 RGB uint8,
 16-bit samples are scaled (not clipped) to 8 bits, and an image over ``max_pixels`` is refused
 from its header, before a single pixel is decoded (decompression bombs). Masks go through
@@ -22,16 +22,6 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
-
-# Pillow format name -> (output format, file suffix) for ``output_format="same"``.
-SAME_FORMATS = {
-    "JPEG": ("jpeg", ".jpg"),
-    "MPO": ("jpeg", ".jpg"),
-    "PNG": ("png", ".png"),
-    "WEBP": ("webp", ".webp"),
-    "TIFF": ("tiff", ".tif"),
-    "BMP": ("bmp", ".bmp"),
-}
 
 
 class DecodeError(ValueError):
@@ -101,13 +91,11 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
-    """``(HxWx3 uint8 RGB, Pillow format name)``; raises ``DecodeError``."""
-    img = _open(data, max_pixels)
-    fmt = img.format or ""
-    img = _load(img)
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """HxWx3 uint8 RGB; raises ``DecodeError``."""
+    img = _load(_open(data, max_pixels))
     try:
-        return _to_rgb(img), fmt
+        return _to_rgb(img)
     except DecodeError:
         raise
     except Exception as e:

@@ -20,7 +20,14 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from model.completion import SIZE_MULTIPLE, pad_to_multiple, padded_size
+from model.completion import (
+    SIZE_MULTIPLE,
+    images_to_tensor,
+    masks_to_tensor,
+    pad_to_multiple,
+    padded_size,
+    tensor_to_images,
+)
 from pipeline.manifest import STATUS_ERROR, STATUS_OK
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
@@ -96,11 +103,8 @@ class InpaintPredictor:
     def _to_device(self, images: np.ndarray, masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (N, H, W, 3) and (N, H, W) -> float (N, 3, H, W) in [0, 1] and (N, 1, H, W) on the device,
         reflect-padded to multiples of 4 exactly as ``CompletionNetwork.complete`` would."""
-        non_blocking = self.device.type == "cuda"
-        x = torch.from_numpy(images).to(self.device, non_blocking=non_blocking)
-        m = torch.from_numpy(masks).to(self.device, non_blocking=non_blocking)
-        x = x.permute(0, 3, 1, 2).float().div_(255)
-        m = m.unsqueeze(1).float()
+        x = images_to_tensor(images, self.device)
+        m = masks_to_tensor(masks, self.device)
         return pad_to_multiple(x, SIZE_MULTIPLE)[0], pad_to_multiple(m, SIZE_MULTIPLE)[0]
 
     @torch.inference_mode()
@@ -125,7 +129,7 @@ class InpaintPredictor:
             m = m.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             out = self.model.complete(x, m, self.mean_pixel)
-        out = out.float().mul_(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        out = tensor_to_images(out)
         completed: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
         for j, i in enumerate(order):
             h, w = images[i].shape[:2]

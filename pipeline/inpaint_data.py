@@ -11,7 +11,6 @@ message) or ``skipped`` (completed by an earlier run).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import posixpath
 import time
@@ -23,8 +22,8 @@ import ray
 
 from pipeline import storage
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_mask
-from pipeline.manifest import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, contains, key_digests
-from pipeline.writer import output_key_for
+from pipeline.manifest import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, contains
+from pipeline.naming import key_digest, key_digests, output_key_for
 
 LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
@@ -56,10 +55,6 @@ def _walk_prefix(fs, root: str, exclude: tuple[str, ...]) -> Iterator[list[str]]
         )
         # hidden files and our own .glcic-tmp-* temporaries are skipped
         yield [posixpath.join(folder, name) for name in sorted(files) if not name.startswith(".")]
-
-
-def _key_digest(key: str) -> bytes:
-    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _collision(key: str, is_input, output_format: str | None) -> str:
@@ -109,13 +104,13 @@ def iter_entries(
 
         # A first pass learns every listed key, so an output collision is found wherever in the
         # file the other key is listed (the same 16-byte digests as for duplicates).
-        listed = {_key_digest(key) for key, _ in listed_keys()} if output_format else set()
+        listed = {key_digest(key) for key, _ in listed_keys()} if output_format else set()
         # A key listed twice is done once: later copies get an empty URI (a ``duplicate_key`` row).
         # 16-byte digests keep this at about 100 bytes per listed key, in this task only.
         seen: set[bytes] = set()
         for key, uri in listed_keys():
-            digest = _key_digest(key)
-            collides = _collision(key, lambda k: _key_digest(k) in listed, output_format)
+            digest = key_digest(key)
+            collides = _collision(key, lambda k: key_digest(k) in listed, output_format)
             yield (key, "", collides) if digest in seen else (key, uri, collides)
             seen.add(digest)
         return
@@ -286,7 +281,7 @@ def read_decode(
             read_s[i] = time.perf_counter() - start
             start = time.perf_counter()
             try:
-                image, _ = decode_image(data, options.max_pixels)
+                image = decode_image(data, options.max_pixels)
             except DecodeError as e:
                 raise RowError(e.kind, str(e)) from None
             del data

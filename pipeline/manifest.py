@@ -14,8 +14,9 @@ add ``run_id``; names starting with ``_`` are ignored by all three.
 A part's name is a hash of the rows' input keys and statuses, so a write task that Ray retries
 rewrites the same file instead of adding a duplicate. A row says ``ok`` only after its output
 object is fully written, so every ``ok`` row of every run, finished or crashed, names an output
-that exists: resuming skips exactly those images (``ResumeIndex``), and across all runs each
-image has at most one ``ok`` row.
+that exists: resuming skips exactly those images (``completed_key_digests``, the resume index),
+so with resuming on (the default) each completed image has exactly one ``ok`` row across all
+runs; ``--skip-existing false`` redoes images and gives them another.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.naming import key_digests
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +199,6 @@ def run_exists(manifest: str, run_id: str, endpoint_url: str | None = None) -> b
     fs, path = storage.filesystem(run_prefix(manifest, run_id), endpoint_url)
     fs.invalidate_cache()
     return bool(fs.exists(path))
-
-
-def key_digests(keys) -> np.ndarray:
-    """128-bit digests of keys as a NumPy ``S16`` array (sortable, searchable, 16 bytes a key)."""
-    return np.array(
-        [hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=16).digest() for k in keys],
-        dtype="S16",
-    )
 
 
 def completed_key_digests(manifest: str, endpoint_url: str | None = None) -> np.ndarray:

@@ -66,8 +66,12 @@ def _env_int(name: str, default: int) -> int:
     return int(value)
 
 
-def storage_options_for(uri: str, endpoint_url: str | None = None) -> dict:
-    """fsspec storage options for ``uri``; only S3 needs any (its endpoint)."""
+def storage_options_for(uri: str, endpoint_url: str | None = None, *, fail_fast: bool = False) -> dict:
+    """fsspec storage options for ``uri``; only S3 needs any (its endpoint, timeouts and retries).
+
+    ``fail_fast``: two attempts and short timeouts, for a client-side check that must answer in
+    seconds rather than retry for minutes.
+    """
     if protocol_of(uri) in ("s3", "s3a"):
         endpoint = endpoint_url or endpoint_url_from_env()
         opts: dict = {}
@@ -82,13 +86,28 @@ def storage_options_for(uri: str, endpoint_url: str | None = None) -> dict:
             "connect_timeout": _env_float(S3_CONNECT_TIMEOUT_ENV, 10.0),
             "read_timeout": _env_float(S3_READ_TIMEOUT_ENV, 30.0),
         }
+        if fail_fast:
+            opts["config_kwargs"] = {
+                "retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 15,
+            }  # fmt: skip
         return opts
     return {}
 
 
-def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return ``(fs, path)`` for ``uri``; ``path`` has no protocol and no trailing slash."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options_for(uri, endpoint_url))
+def filesystem(
+    uri: str, endpoint_url: str | None = None, *, fail_fast: bool = False, cached: bool = True
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for ``uri``; ``path`` has no protocol and no trailing slash.
+
+    ``cached=False``: a private instance without a listings cache, for readers that must see
+    objects written since their last listing.
+    """
+    options = storage_options_for(uri, endpoint_url, fail_fast=fail_fast)
+    if not cached:
+        options["skip_instance_cache"] = True
+        if protocol_of(uri) in ("s3", "s3a"):
+            options["use_listings_cache"] = False
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
 
@@ -135,10 +154,12 @@ def relative_key(prefix: str, path: str) -> str:
 
 
 def iter_files(fs: fsspec.AbstractFileSystem, prefix: str) -> Iterator[str]:
-    """Yield the full path of every object under ``prefix``, sorted, without loading them all.
+    """Yield the full path of every object under ``prefix``, sorted.
 
-    ``fs.find`` lists lazily per directory on local disks; on S3 it pages through
-    ListObjectsV2. Hidden files and our own temporaries (``.glcic-tmp-*``) are skipped.
+    The whole listing is held (``fs.find`` returns it, then it is sorted): fine for a training set
+    or a manifest, not for an inference prefix of millions of keys, which
+    ``pipeline.inpaint_data.list_images`` walks folder by folder instead. Hidden files and our own
+    temporaries (``.glcic-tmp-*``) are skipped.
     """
     for path in sorted(fs.find(prefix)):
         name = posixpath.basename(path)
@@ -231,10 +252,7 @@ def pyarrow_filesystem(uri: str, endpoint_url: str | None = None):
     if proto == "file":
         path = uri.split("://", 1)[1] if "://" in uri else uri
         return pafs.LocalFileSystem(), os.path.abspath(path)
-    # A private instance without a listings cache: Ray Train decides whether a checkpoint path
-    # is a directory from listings, and a cached listing from before the upload says it is not.
-    options = {**storage_options_for(uri, endpoint_url), "skip_instance_cache": True}
-    if proto in ("s3", "s3a"):
-        options["use_listings_cache"] = False
-    fs, path = fsspec.core.url_to_fs(uri, **options)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")
+    # Uncached: Ray Train decides whether a checkpoint path is a directory from listings, and a
+    # cached listing from before the upload says it is not.
+    fs, path = filesystem(uri, endpoint_url, cached=False)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

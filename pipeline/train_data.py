@@ -20,6 +20,7 @@ import numpy as np
 
 from model.masks import rectangle_mask
 from pipeline import storage
+from pipeline.decode import DecodeError, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +75,14 @@ def split_validation(uris: list[str], fraction: float, seed: int) -> tuple[list[
     return [u for u in uris if u not in held_out], [u for u in uris if u in held_out]
 
 
-def decode_rgb(data: bytes) -> np.ndarray | None:
-    """RGB uint8 HxWx3 (EXIF orientation applied), or None for bytes that are not an image."""
-    buffer = np.frombuffer(data, np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
-    if image is None or image.ndim != 3 or min(image.shape[:2]) < 1:
+def decode_or_none(data: bytes, key: str) -> np.ndarray | None:
+    """``pipeline.decode.decode_image`` (the inference decoder: EXIF, modes, 16-bit, CMYK, bombs), or
+    None with a warning naming the file: one corrupt JPEG among millions must not stop a run."""
+    try:
+        return decode_image(data)
+    except DecodeError as e:
+        logger.warning("skipping %s: %s (%s)", key, e, e.kind)
         return None
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def scale_and_crop(
@@ -109,17 +111,13 @@ def _keys(paths, root: str) -> list[str]:
 
 
 def crop_images(batch: dict[str, np.ndarray], root: str, image_size: int, random: bool = True) -> dict:
-    """Ray Data ``map_batches`` function: raw bytes -> ``{"key", "image"}`` crops.
-
-    Undecodable files are dropped with a warning naming them: one corrupt JPEG among millions must
-    not stop a training run.
-    """
+    """Ray Data ``map_batches`` function: raw bytes -> ``{"key", "image"}`` crops (undecodable files
+    dropped with a warning)."""
     rng = np.random.default_rng() if random else None
     keys, crops = [], []
     for key, data in zip(_keys(batch["path"], root), batch["bytes"], strict=True):
-        image = decode_rgb(data)
+        image = decode_or_none(data, key)
         if image is None:
-            logger.warning("skipping %s: not a decodable image", key)
             continue
         keys.append(key)
         crops.append(scale_and_crop(image, image_size, rng))
@@ -130,8 +128,8 @@ def crop_images(batch: dict[str, np.ndarray], root: str, image_size: int, random
 def channel_sums(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One row per batch: its RGB sums and pixel count (float64: exact for any realistic size)."""
     sums, pixels = np.zeros(3, np.float64), 0.0
-    for data in batch["bytes"]:
-        image = decode_rgb(data)
+    for path, data in zip(batch["path"], batch["bytes"], strict=True):
+        image = decode_or_none(data, str(path))
         if image is not None:
             sums += image.reshape(-1, 3).sum(0, dtype=np.float64)
             pixels += image.shape[0] * image.shape[1]

@@ -11,7 +11,6 @@ reruns and resumes land on the same keys and the manifest maps inputs to outputs
 from __future__ import annotations
 
 import io
-import posixpath
 import time
 from dataclasses import dataclass
 
@@ -21,40 +20,10 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.manifest import STATUS_ERROR, STATUS_OK
+from pipeline.naming import mask_output_key_for
 
-# Suffix -> encoder name for ``output_format="same"``; anything else is written as PNG.
-SAME_FORMAT_SUFFIXES = {
-    ".jpg": "jpeg",
-    ".jpeg": "jpeg",
-    ".png": "png",
-    ".webp": "webp",
-    ".tif": "tiff",
-    ".tiff": "tiff",
-    ".bmp": "bmp",
-}
-MASKS_FOLDER = "_masks"
 JPEG_QUALITY = 95
 PNG_COMPRESSION = 3  # zlib level: most of level 9's size at a fraction of its time
-
-
-def output_key_for(key: str, output_format: str) -> tuple[str, str]:
-    """``(output key relative to --output, encoder)`` for input ``key``.
-
-    ``png``: the key itself if it already ends in ``.png``, else ``<key>.png`` (``cat.jpg`` ->
-    ``cat.jpg.png``), which never maps two inputs (``cat.jpg``, ``cat.png``) to one output.
-    ``same``: the key unchanged, encoded in the format its suffix names; unknown suffixes get PNG.
-    """
-    suffix = posixpath.splitext(key)[1].lower()
-    if output_format == "same" and suffix in SAME_FORMAT_SUFFIXES:
-        return key, SAME_FORMAT_SUFFIXES[suffix]
-    if suffix == ".png":
-        return key, "png"
-    return key + ".png", "png"
-
-
-def mask_output_key_for(output_key: str) -> str:
-    base = output_key if output_key.lower().endswith(".png") else output_key + ".png"
-    return f"{MASKS_FOLDER}/{base}"
 
 
 def encode(image: np.ndarray, encoder: str) -> bytes:

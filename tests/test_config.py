@@ -54,7 +54,9 @@ def test_the_jobs_configs_round_trip_and_check_themselves():
         InpaintConfig(images="in", output="out", checkpoint="ckpt", run_id="../x")
     # A bad value on the job's own command line is one clear exit, not a traceback.
     with pytest.raises(SystemExit, match="must be at least 1"):
-        parse_config(InpaintConfig, ["--images", "i", "--output", "o", "--checkpoint", "c", "--batch-size", "0"])
+        parse_config(
+            InpaintConfig, ["--images", "i", "--output", "o", "--checkpoint", "c", "--batch-size", "0"]
+        )
 
 
 def test_the_default_pixel_limit_is_the_decoders():

@@ -27,8 +27,8 @@ def rgb(photos) -> np.ndarray:
 
 
 def test_rgb_png_is_exact(rgb):
-    image, fmt = decode_image(encode(Image.fromarray(rgb), "PNG"))
-    assert fmt == "PNG" and image.dtype == np.uint8
+    image = decode_image(encode(Image.fromarray(rgb), "PNG"))
+    assert image.dtype == np.uint8
     np.testing.assert_array_equal(image, rgb)
 
 
@@ -36,7 +36,7 @@ def test_rgb_png_is_exact(rgb):
 def test_every_mode_becomes_rgb(rgb, mode):
     src = Image.fromarray(rgb).convert(mode)
     fmt = "JPEG" if mode in ("CMYK", "YCbCr") else "PNG"
-    image, _ = decode_image(encode(src, fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+    image = decode_image(encode(src, fmt, **({"quality": 95} if fmt == "JPEG" else {})))
     assert image.shape == (48, 64, 3) and image.dtype == np.uint8
     expected = np.asarray(src.convert("RGB"), dtype=np.int16)
     if fmt == "PNG":
@@ -47,13 +47,13 @@ def test_every_mode_becomes_rgb(rgb, mode):
 
 def test_rgba_drops_alpha_keeps_colour(rgb):
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])  # almost fully transparent
-    image, _ = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    image = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
     np.testing.assert_array_equal(image, rgb)
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped():
     ramp = (np.arange(64, dtype=np.uint16)[None, :] * 1024).repeat(8, axis=0)  # 0 .. 64512
-    image, _ = decode_image(encode(Image.fromarray(ramp), "PNG"))
+    image = decode_image(encode(Image.fromarray(ramp), "PNG"))
     assert image.shape == (8, 64, 3)
     np.testing.assert_array_equal(image[..., 0], (ramp >> 8).astype(np.uint8))
     assert len(np.unique(image)) == 64  # clipping would have left almost everything at 255
@@ -63,8 +63,8 @@ def test_exif_orientation_is_applied(rgb):
     img = Image.fromarray(rgb)  # 64 wide, 48 tall
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to view"
-    image, fmt = decode_image(encode(img, "JPEG", quality=95, exif=exif.tobytes()))
-    assert fmt == "JPEG" and image.shape == (64, 48, 3)
+    image = decode_image(encode(img, "JPEG", quality=95, exif=exif.tobytes()))
+    assert image.shape == (64, 48, 3)
     expected = np.asarray(img.transpose(Image.Transpose.ROTATE_270), dtype=np.int16)
     assert np.abs(image.astype(np.int16) - expected).mean() < 6
 

@@ -118,7 +118,7 @@ def check_runs(
     for r in ok_by_key.values():
         path = storage.join_key(out_root, r["output_key"])  # refuses keys that leave --output
         assert r["output_uri"] == storage.full_uri(out_fs, path), r
-        image, _ = decode_image(out_fs.cat_file(path))
+        image = decode_image(out_fs.cat_file(path))
         assert image.shape == (r["height"], r["width"], 3), r["input_key"]
 
     leftovers = sorted(p for p in out_fs.find(out_root) if os.path.basename(p).startswith(TEMP_PREFIX))

@@ -102,8 +102,8 @@ def check_ok_output(row: dict, source: bytes, output_root: str, mask: np.ndarray
     """The output exists, decodes to the input's size, and equals the input outside the hole."""
     fs, base = storage.filesystem(output_root)
     out_bytes = storage.read_bytes(fs, storage.join_key(base, row["output_key"]))
-    out, _ = decode_image(out_bytes)
-    image, _ = decode_image(source)
+    out = decode_image(out_bytes)
+    image = decode_image(source)
     assert out.shape == image.shape == (row["height"], row["width"], 3), row["input_key"]
     if mask is None:
         mask = generate_mask(
@@ -144,7 +144,7 @@ def test_local_prefix_end_to_end_then_rerun_skips(ray_local, tmp_path, photos, c
         assert row["read_s"] >= 0 and row["inference_s"] > 0 and row["write_s"] > 0
         out = check_ok_output(row, data, output)
         hole = generate_mask("rectangle", row["height"], row["width"], seed=0, key=key).astype(bool)
-        assert np.abs(out[hole].astype(int) - decode_image(data)[0][hole]).mean() > 1  # the hole was filled
+        assert np.abs(out[hole].astype(int) - decode_image(data)[hole]).mean() > 1  # the hole was filled
         fs, base = storage.filesystem(output)
         written_mask = np.asarray(
             Image.open(io.BytesIO(storage.read_bytes(fs, f"{base}/{row['mask_output_key']}")))
@@ -234,8 +234,8 @@ def test_masks_prefix_same_format_and_postprocess(ray_local, tmp_path, photos, c
         assert rows[key]["output_key"] == key  # same key, same format
         out_bytes = (Path(output) / key).read_bytes()
         assert Image.open(io.BytesIO(out_bytes)).format == "JPEG"
-        out = decode_image(out_bytes)[0].astype(int)
-        original = decode_image(images[key])[0].astype(int)
+        out = decode_image(out_bytes).astype(int)
+        original = decode_image(images[key]).astype(int)
         # JPEG re-encoding is lossy: known pixels stay close; the all-black mask changes nothing
         assert np.abs(out[known] - original[known]).mean() < 4
         if key == "m/black.jpg":
@@ -245,8 +245,8 @@ def test_masks_prefix_same_format_and_postprocess(ray_local, tmp_path, photos, c
     raw_output = str(tmp_path / "raw")
     run(InpaintConfig(images=str(tmp_path / "in"), masks=str(tmp_path / "masks"), output=raw_output,
                       checkpoint=checkpoint, output_format="same", postprocess=False, batch_size=3))  # fmt: skip
-    blended = decode_image((Path(output) / "m/good.jpg").read_bytes())[0].astype(int)
-    raw = decode_image((Path(raw_output) / "m/good.jpg").read_bytes())[0].astype(int)
+    blended = decode_image((Path(output) / "m/good.jpg").read_bytes()).astype(int)
+    raw = decode_image((Path(raw_output) / "m/good.jpg").read_bytes()).astype(int)
     assert np.abs(blended[known] - raw[known]).mean() < 2
     assert np.abs(blended[~known] - raw[~known]).mean() > 2
 
@@ -385,7 +385,7 @@ run(InpaintConfig(images={images!r}, output={output!r}, checkpoint={checkpoint!r
     assert sorted(r["input_key"] for r in rows) == [f"g/{i:02d}.png" for i in range(24)]
     assert all(r["status"] == "ok" for r in rows)
     for r in rows:
-        assert decode_image((Path(output) / r["output_key"]).read_bytes())[0].shape == (96, 96, 3)
+        assert decode_image((Path(output) / r["output_key"]).read_bytes()).shape == (96, 96, 3)
     gpus_by_worker: dict[str, set] = {}
     for r in rows:
         gpus_by_worker.setdefault(r["inference_worker"], set()).add(r["gpu_id"])
@@ -435,4 +435,4 @@ def test_killed_driver_then_resume(ray_local, tmp_path, photos, checkpoint):
     ok = every_run[every_run.status == "ok"]
     assert sorted(ok.input_key) == [f"k/{i:02d}.jpg" for i in range(n)]  # exactly one ok row each
     for key in ok.output_key:  # no partial object under a final key
-        assert decode_image((Path(output) / key).read_bytes())[0].shape == (64, 64, 3)
+        assert decode_image((Path(output) / key).read_bytes()).shape == (64, 64, 3)

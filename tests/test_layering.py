@@ -52,9 +52,13 @@ def test_model_is_pure_maths():
     for module, imported in graph().items():
         if module.startswith("model/"):
             third_party = {
-                name for name in imported if name and name not in sys.stdlib_module_names and name not in local
+                name
+                for name in imported
+                if name and name not in sys.stdlib_module_names and name not in local
             }
-            assert third_party <= MODEL_THIRD_PARTY, f"{module} imports {sorted(third_party - MODEL_THIRD_PARTY)}"
+            assert third_party <= MODEL_THIRD_PARTY, (
+                f"{module} imports {sorted(third_party - MODEL_THIRD_PARTY)}"
+            )
 
 
 def test_the_checker_sees_a_violation(tmp_path):

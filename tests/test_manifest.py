@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import manifest as m
+from pipeline.naming import key_digests
 
 
 def rows(keys: list[str], statuses: list[str]) -> dict[str, list]:
@@ -72,7 +73,7 @@ def test_parts_are_idempotent_and_runs_are_separate(tmp_path):
     # Resume index: ok rows of any run, nothing else.
     done = m.completed_key_digests(manifest)
     assert len(done) == 3 and list(done) == sorted(done)
-    probe = m.key_digests(["x/1.jpg", "x/2.jpg", "x/3.jpg", "x/4.jpg", "ünï/ ✓.jpg"])
+    probe = key_digests(["x/1.jpg", "x/2.jpg", "x/3.jpg", "x/4.jpg", "ünï/ ✓.jpg"])
     assert m.contains(done, probe).tolist() == [True, True, True, False, False]
     assert m.contains(np.empty(0, "S16"), probe).tolist() == [False] * 5
 
@@ -83,7 +84,7 @@ def test_unreadable_part_is_ignored_by_resume(tmp_path):
     bad = tmp_path / "manifest" / "run_id=crashed" / "part-000.parquet"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"PAR1 this is not a parquet file")
-    assert m.contains(m.completed_key_digests(manifest), m.key_digests(["a.jpg"])).tolist() == [True]
+    assert m.contains(m.completed_key_digests(manifest), key_digests(["a.jpg"])).tolist() == [True]
     assert len(m.completed_key_digests(str(tmp_path / "nothing here"))) == 0
 
 
