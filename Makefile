@@ -16,11 +16,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jobs.demo
+	$(BIN)/python -m embedded.demo
 
 # The CI variant of the demo: the same steps with a tiny network and schedule (about 2 minutes).
 demo-fast: $(STAMP)
-	$(BIN)/python -m jobs.demo --fast
+	$(BIN)/python -m embedded.demo --fast
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

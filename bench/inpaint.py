@@ -251,7 +251,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from jobs.embedded import LocalS3Server
+    from embedded.servers import LocalS3Server
 
     args = parse_args(argv)
     threads = threads_for(args)

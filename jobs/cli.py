@@ -46,7 +46,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Never shipped to the cluster: environments, data, outputs, caches (gitignore-style patterns).
 WORKING_DIR_EXCLUDES = [
-    "/.venv/", "/data/", "/demo_out/", "/bench_out/", "/.git/", "/.whl/", "/.gl/", "/shared/",
+    "/.venv/", "/data/", "/embedded/", "/demo_out/", "/bench_out/", "/.git/", "/.whl/", "/.gl/", "/shared/",
     "__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/", "*.pyc",
 ]  # fmt: skip
 

@@ -79,7 +79,8 @@ def resume_index(manifest: str, endpoint_url: str | None) -> tuple[int, np.ndarr
 def build_dataset(config: InpaintConfig, index_ref):
     import ray
 
-    from pipeline.inference import InpaintPredictor, crash_hook_from_env
+    from pipeline.faults import crash_hook_from_env
+    from pipeline.inference import InpaintPredictor
     from pipeline.inpaint_data import ReadOptions, list_images, read_decode
     from pipeline.writer import WriteOptions, encode_write
 

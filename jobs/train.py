@@ -44,14 +44,9 @@ from model.gan import (
     progress_grid,
     unwrap,
 )
-from pipeline import storage, train_data
+from pipeline import faults, storage, train_data
 from pipeline.checkpoint import CONFIG_FILE, ModelConfig, load_checkpoint, save_checkpoint
-
-# Test-only fault injection, read by the workers (propagated to them by ``run``): the worker of
-# rank 0 calls os._exit at the given step, once (the marker file records that it happened).
-KILL_AT_STEP_ENV = "GLCIC_TEST_KILL_AT_STEP"  # in the training loop, after that step's update
-KILL_IN_UPLOAD_ENV = "GLCIC_TEST_KILL_IN_UPLOAD_AT_STEP"  # while uploading that step's checkpoint
-KILL_MARKER_ENV = "GLCIC_TEST_KILL_MARKER"
+from pipeline.faults import KILL_AT_STEP_ENV, KILL_IN_UPLOAD_ENV
 
 
 def write_png(uri: str, rgb: np.ndarray, endpoint_url: str | None) -> None:
@@ -67,18 +62,9 @@ def write_png(uri: str, rgb: np.ndarray, endpoint_url: str | None) -> None:
 
 
 def _maybe_kill(env_name: str, step: int) -> None:
-    """Test-only fault injection: die like a preempted worker (no cleanup, no exception)."""
-    at = os.environ.get(env_name)
-    marker = os.environ.get(KILL_MARKER_ENV)
-    if at is None or int(at) != step or not marker or os.path.exists(marker):
-        return
     import ray.train
 
-    if ray.train.get_context().get_world_rank() != 0:
-        return
-    with open(marker, "w") as f:
-        f.write(f"{env_name}={step}\n")
-    os._exit(1)
+    faults.maybe_kill_training_worker(env_name, step, ray.train.get_context().get_world_rank())
 
 
 def upload_checkpoint(checkpoint, dir_name: str):
@@ -339,7 +325,7 @@ def build_trainer(config: TrainConfig, dataset, mean_pixel, val: dict | None, en
     from ray.train.torch import TorchTrainer
 
     storage_fs, storage_path = storage.pyarrow_filesystem(config.storage_path, endpoint_url)
-    test_hooks = {k: v for k, v in os.environ.items() if k.startswith("GLCIC_TEST_")}
+    test_hooks = faults.test_env()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

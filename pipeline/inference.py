@@ -12,7 +12,6 @@ of 4 (results are identical to completing each image alone).
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -28,22 +27,11 @@ from model.completion import (
     padded_size,
     tensor_to_images,
 )
+from pipeline import faults
 from pipeline.manifest import STATUS_ERROR, STATUS_OK
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Test-only fault injection (issue #7): after this many batches the actor exits mid-batch, once
-# per job (the marker file records that it happened), to prove that Ray restarts it and retries.
-CRASH_AFTER_BATCHES_ENV = "GLCIC_TEST_CRASH_AFTER_BATCHES"
-CRASH_MARKER_ENV = "GLCIC_TEST_CRASH_MARKER"
-
-
-def crash_hook_from_env() -> dict:
-    """The fault hook's settings, read on the driver and passed to the actors explicitly."""
-    after = int(os.environ.get(CRASH_AFTER_BATCHES_ENV, "0") or 0)
-    marker = os.environ.get(CRASH_MARKER_ENV) or None
-    return {"crash_after_batches": after, "crash_marker": marker} if after > 0 and marker else {}
 
 
 class InpaintPredictor:
@@ -87,13 +75,7 @@ class InpaintPredictor:
     def _maybe_crash(self) -> None:
         if not self.crash_after_batches or self.batches < self.crash_after_batches or not self.crash_marker:
             return
-        try:
-            fd = os.open(self.crash_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return  # already crashed once in this job
-        os.write(fd, f"{self.worker}\n".encode())
-        os.close(fd)
-        os._exit(1)
+        faults.die_once(self.crash_marker, self.worker)
 
     def _autocast(self):
         if self.autocast_dtype is None:

@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 @pytest.fixture(scope="session")
 def s3_server():
     """A SeaweedFS S3 server on free ports of 127.0.0.1 with a ``test`` bucket; stopped after."""
-    from jobs.embedded import LocalS3Server
+    from embedded.servers import LocalS3Server
 
     server = LocalS3Server(buckets=("test",)).start()
     old = {k: os.environ.get(k) for k in server.env()}

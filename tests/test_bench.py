@@ -78,3 +78,10 @@ def test_memory_bench_completes_every_image_and_reports_peak_rss(tmp_path):
     # The driver's peak is at least what it holds right after importing torch and Ray.
     assert run["driver_peak_rss_mib"] > 50
     assert run["timeline"], "RSS was sampled during the run"
+
+
+def test_cli_startup_bench_times_help_beside_the_bare_interpreter(tmp_path):
+    figures = run_bench("cli_startup.py", tmp_path)
+    commands = figures["commands"]
+    assert {"python -c pass", "glcic --help", "glcic list --help"} <= set(commands)
+    assert all(positive(c["median_s"]) for c in commands.values())

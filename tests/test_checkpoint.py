@@ -141,7 +141,7 @@ def test_real_ddp_module_saves_bare_weights_through_a_file_uri(tmp_path):
     # What a Ray Train worker holds: the generator inside DistributedDataParallel.
     import torch.distributed as dist
 
-    from jobs.embedded import free_port
+    from embedded.servers import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:

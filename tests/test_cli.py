@@ -55,7 +55,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def head(s3_server):
     """A Ray head with dashboard on free 127.0.0.1 ports; jobs inherit the S3 credentials from it."""
-    from jobs.embedded import LocalRayHead
+    from embedded.servers import LocalRayHead
 
     with LocalRayHead(num_cpus=2, env=s3_server.env()) as ray_head:
         yield ray_head

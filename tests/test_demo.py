@@ -33,12 +33,12 @@ def _processes_mentioning(texts: list[str]) -> list[str]:
 
 
 def test_fast_demo_trains_completes_every_photo_and_cleans_up(tmp_path, photo_paths):
-    from jobs.demo import PHOTO_SIZE, SHEET_COLUMNS, contact_sheet_size
+    from embedded.demo import PHOTO_SIZE, SHEET_COLUMNS, contact_sheet_size
 
     out = tmp_path / "demo_out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run(
-        [sys.executable, "-m", "jobs.demo", "--fast", "--out", str(out)],
+        [sys.executable, "-m", "embedded.demo", "--fast", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

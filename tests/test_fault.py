@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from embedded.servers import LocalS3Server
 from jobs.config import InpaintConfig, parse_config
-from jobs.embedded import LocalS3Server
 from jobs.inpaint import run
 from pipeline import storage
 from pipeline.decode import decode_image

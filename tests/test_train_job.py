@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from jobs.config import TrainConfig
-from jobs.train import KILL_IN_UPLOAD_ENV, KILL_MARKER_ENV, run
+from jobs.train import run
 from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, load_generator
+from pipeline.faults import KILL_IN_UPLOAD_ENV, KILL_MARKER_ENV
 
 TINY = dict(
     width=0.125, image_size=32, local_size=16, hole_min=6, hole_max=12, batch_size=4,

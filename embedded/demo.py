@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from jobs.embedded import LocalRayHead, LocalS3Server
+from embedded.servers import LocalRayHead, LocalS3Server
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "glcic-demo"
