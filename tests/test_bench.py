@@ -78,3 +78,13 @@ def test_memory_bench_completes_every_image_and_reports_peak_rss(tmp_path):
     # The driver's peak is at least what it holds right after importing torch and Ray.
     assert run["driver_peak_rss_mib"] > 50
     assert run["timeline"], "RSS was sampled during the run"
+
+
+@pytest.mark.timeout(120)
+def test_blend_bench_reports_opencv_and_torch_side_by_side(tmp_path):
+    figures = run_bench("blend.py", tmp_path, "--threads", "1")
+    (result,) = figures["results"].values()
+    for name in ["opencv"] + [f"torch_{d}" for d in figures["devices"]]:
+        assert positive(result[name]["ms_per_image"]), name
+    # The torch blend is a blend: far closer to OpenCV's than the unblended completion.
+    assert result["torch_cpu_mad_vs_opencv"] < result["raw_mad_vs_opencv"] / 4
