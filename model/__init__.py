@@ -37,6 +37,7 @@ _EXPORTS = {
         "generate_mask",
         "rectangle_mask",
     ),
+    "model.poisson": ("BlendResult", "poisson_blend", "poisson_solve"),
     "model.postprocess": ("blend",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -74,4 +75,5 @@ if TYPE_CHECKING:
         generate_mask,
         rectangle_mask,
     )
+    from model.poisson import BlendResult, poisson_blend, poisson_solve  # noqa: F401
     from model.postprocess import blend  # noqa: F401
