@@ -85,6 +85,8 @@ def test_cli_startup_bench_times_help_beside_the_bare_interpreter(tmp_path):
     commands = figures["commands"]
     assert {"python -c pass", "glcic --help", "glcic list --help"} <= set(commands)
     assert all(positive(c["median_s"]) for c in commands.values())
+
+
 @pytest.mark.timeout(120)
 def test_blend_bench_reports_opencv_and_torch_side_by_side(tmp_path):
     figures = run_bench("blend.py", tmp_path, "--threads", "1")
