@@ -62,8 +62,11 @@ class InpaintConfig:
     postprocess: bool = field(default=True, metadata={"help": "the paper's post-processing (fast marching + Poisson blending) on the CPU after inference"})  # fmt: skip
     batch_size: int = field(default=16, metadata={"help": "images per inference batch (split into same-size buckets)"})  # fmt: skip
     task_batch_size: int = field(default=64, metadata={"help": "images per read/decode and encode/write task (and keys per listed block), independent of --batch-size so small inference batches do not multiply task launches"})  # fmt: skip
-    num_actors: int = field(default=0, metadata={"help": "inference actors; 0: one per GPU on a GPU cluster, else one per 4 CPUs"})  # fmt: skip
-    num_gpus_per_actor: float | None = field(default=None, metadata={"help": "GPUs per inference actor; default: 1 on a cluster with GPUs, else 0"})  # fmt: skip
+    num_actors: int = field(default=0, metadata={"help": "a fixed pool of this many inference actors; 0: an autoscaling pool of --min-actors to --max-actors"})  # fmt: skip
+    min_actors: int = field(default=1, metadata={"help": "fewest inference actors of the autoscaling pool (Ray Data keeps at least 1); it starts with as many as the nodes up at submit time hold, and grows while its actors are busy"})  # fmt: skip
+    max_actors: int = field(default=0, metadata={"help": "most inference actors of the autoscaling pool: with GPUs per actor, GPU nodes the autoscaler starts for them; 0: GPU job: as many as the GPUs Ray reports the cluster has or can add (uncapped when the autoscaler reports none, e.g. Ray's default autoscaler: then its max_workers caps the pool), CPU job: one per 4 CPUs"})  # fmt: skip
+    num_gpus_per_actor: float | None = field(default=None, metadata={"help": "GPUs each inference actor requests: a GPU job makes the autoscaler start GPU nodes even from zero. Default: 1 with --device cuda, 0 with --device cpu; with --device auto, 1 if the cluster has GPUs or reports GPU nodes it can add (Ray's default autoscaler does not: pass 1 or --device cuda on a cluster whose GPU workers start at 0), else 0"})  # fmt: skip
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "where each inference actor computes: cuda, cpu, or auto (cuda when the actor sees a GPU); independent of --num-gpus-per-actor, which decides what the actors request (a test asks for fake GPUs and computes on the CPU)"})  # fmt: skip
     num_cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per inference actor (also its torch threads on CPU)"})  # fmt: skip
     num_cpus_per_task: float = field(default=0.5, metadata={"help": "CPUs per read/decode and encode/write task; fractional so they never starve beside the actors"})  # fmt: skip
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "larger images are refused with an error row (decompression bombs, out-of-memory)"})  # fmt: skip
@@ -96,6 +99,16 @@ def validate(config: InpaintConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if config.num_actors < 0 or config.num_cpus_per_actor < 0 or config.num_cpus_per_task <= 0:
         raise ValueError("--num-actors and --num-cpus-per-actor must be >= 0, --num-cpus-per-task > 0")
+    if config.min_actors < 1 or config.max_actors < 0:
+        raise ValueError("--min-actors must be at least 1 and --max-actors at least 0")
+    if config.max_actors and config.max_actors < config.min_actors:
+        raise ValueError("--max-actors must be at least --min-actors (or 0: automatic)")
+    if config.num_gpus_per_actor is not None and config.num_gpus_per_actor < 0:
+        raise ValueError("--num-gpus-per-actor must be >= 0")
+    if config.device == "cuda" and config.num_gpus_per_actor == 0:
+        raise ValueError(
+            "--device cuda needs --num-gpus-per-actor > 0: Ray gives an actor only the GPUs it requests"
+        )
     if config.limit is not None and config.limit < 1:
         raise ValueError("--limit must be at least 1")
     if config.run_id is not None:
@@ -104,18 +117,73 @@ def validate(config: InpaintConfig) -> None:
             raise ValueError("--run-id must not contain '/'")
 
 
-def actor_resources(config: InpaintConfig, cluster: dict) -> tuple[int, float, float]:
-    """``(num_actors, num_gpus, num_cpus)`` per actor, filling in the automatic defaults."""
+@dataclass(frozen=True)
+class ActorPool:
+    """The inference actors' pool and what each actor requests from Ray."""
+
+    min_size: int
+    max_size: int | None  # None: no cap of our own (the cluster's size caps it)
+    initial_size: int
+    num_gpus: float
+    num_cpus: float
+
+    def strategy(self):
+        import ray
+
+        return ray.data.ActorPoolStrategy(
+            min_size=self.min_size, max_size=self.max_size, initial_size=self.initial_size
+        )
+
+
+def actor_pool(config: InpaintConfig, cluster: dict, reachable: dict | None = None) -> ActorPool:
+    """Size the actor pool and its requests from the config.
+
+    ``cluster`` is what is up now (``ray.cluster_resources()``); ``reachable`` what the autoscaler
+    reports it can grow to (``None`` where it reports nothing, as Ray's default autoscaler). The
+    GPUs an actor requests come from the config (``--num-gpus-per-actor``, else ``--device``); only
+    the automatic default of ``--device auto`` looks at the cluster. The pool then starts with as
+    many actors as the nodes up now hold and autoscales up to ``max_size``: pending GPU actors are
+    the demand that makes the cluster autoscaler start GPU nodes, and the pool uses each as it comes.
+    """
     gpus = config.num_gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
-    actors = config.num_actors
-    if actors == 0:
-        if gpus > 0:
-            actors = max(1, int(cluster.get("GPU", 0) // gpus))
+        if config.device == "auto":
+            has_gpus = cluster.get("GPU", 0) >= 1 or (reachable or {}).get("GPU", 0) >= 1
+            gpus = 1.0 if has_gpus else 0.0
         else:
-            actors = max(1, int(cluster.get("CPU", 1) // 4))
-    return actors, gpus, config.num_cpus_per_actor
+            gpus = 1.0 if config.device == "cuda" else 0.0
+    cpus = config.num_cpus_per_actor
+    if gpus > 0:
+        fits_now = int(cluster.get("GPU", 0) // gpus)
+        reachable_gpus = max(cluster.get("GPU", 0), (reachable or {}).get("GPU", 0))
+        auto_max = int(reachable_gpus // gpus) or None  # None: the autoscaler's max_workers caps it
+    else:
+        fits_now = auto_max = max(1, int(cluster.get("CPU", 1) // 4))
+    if config.num_actors:
+        size = config.num_actors
+        return ActorPool(size, size, size, gpus, cpus)
+    low = config.min_actors
+    high = config.max_actors or auto_max
+    if high is not None:
+        high = max(high, low)
+    initial = max(low, fits_now)
+    if high is not None:
+        initial = min(initial, high)
+    return ActorPool(low, high, initial, gpus, cpus)
+
+
+def reachable_resources() -> dict | None:
+    """The resources the cluster's autoscaler says it can grow to, or None if it says nothing.
+
+    The autoscaler v2 and KubeRay publish their node types in the GCS; Ray Data reads them the same
+    way. A private Ray API, so any failure means "unknown".
+    """
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:
+        return None
 
 
 def check_checkpoint(config: InpaintConfig) -> None:
@@ -139,7 +207,12 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
     from pipeline.writer import WriteOptions, encode_write
 
     manifest = manifest_uri(config)
-    num_actors, num_gpus, num_cpus = actor_resources(config, ray.cluster_resources())
+    pool = actor_pool(config, ray.cluster_resources(), reachable_resources())
+    print(
+        f"inference actors: {pool.min_size} to {pool.max_size or 'as many as the cluster grows to'} "
+        f"(starting with {pool.initial_size}), {pool.num_gpus} GPU and {pool.num_cpus} CPU each, "
+        f"computing on {config.device}"
+    )
     task_cpus = config.num_cpus_per_task
     ds = ray.data.from_items([{"source": config.images}])
     # Blocks of about one task's worth of keys. Ray Data merges a task's output into blocks of up to
@@ -180,15 +253,16 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
     ds = ds.map_batches(
         InpaintPredictor,
         batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_gpus=num_gpus,
-        num_cpus=num_cpus,
+        compute=pool.strategy(),
+        num_gpus=pool.num_gpus,
+        num_cpus=pool.num_cpus,
         fn_constructor_kwargs={
             "checkpoint": config.checkpoint,
+            "device": config.device,
             "precision": config.precision,
             "channels_last": config.channels_last,
             "endpoint_url": config.endpoint_url,
-            "num_threads": max(1, int(round(num_cpus))) if num_gpus == 0 else None,
+            "num_threads": max(1, int(round(pool.num_cpus))),  # used when computing on the CPU
             **crash_hook_from_env(),
         },
     )
