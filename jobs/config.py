@@ -167,9 +167,33 @@ class InpaintConfig:
         "--batch-size so small inference batches do not multiply task launches",
         64,
     )
-    num_actors: int = flag("inference actors; 0: one per GPU on a GPU cluster, else one per 4 CPUs", 0)
+    num_actors: int = flag(
+        "a fixed pool of this many inference actors; 0: an autoscaling pool of --min-actors to --max-actors", 0
+    )
+    min_actors: int = flag(
+        "fewest inference actors of the autoscaling pool (Ray Data keeps at least 1); it starts with as many "
+        "as the nodes up at submit time hold, and grows while its actors are busy",
+        1,
+    )
+    max_actors: int = flag(
+        "most inference actors of the autoscaling pool: with GPUs per actor, GPU nodes the autoscaler starts "
+        "for them; 0: GPU job: as many as the GPUs Ray reports the cluster has or can add (uncapped when the "
+        "autoscaler reports none, e.g. Ray's default autoscaler: then its max_workers caps the pool), CPU "
+        "job: one per 4 CPUs",
+        0,
+    )
     num_gpus_per_actor: float | None = flag(
-        "GPUs per inference actor; default: 1 on a cluster with GPUs, else 0", None
+        "GPUs each inference actor requests: a GPU job makes the autoscaler start GPU nodes even from zero. "
+        "Default: 1 with --device cuda, 0 with --device cpu; with --device auto, 1 if the cluster has GPUs "
+        "or reports GPU nodes it can add (Ray's default autoscaler does not: pass 1 or --device cuda on a "
+        "cluster whose GPU workers start at 0), else 0",
+        None,
+    )
+    device: Literal["auto", "cpu", "cuda"] = flag(
+        "where each inference actor computes: cuda, cpu, or auto (cuda when the actor sees a GPU); "
+        "independent of --num-gpus-per-actor, which decides what the actors request (a test asks for fake "
+        "GPUs and computes on the CPU)",
+        "auto",
     )
     num_cpus_per_actor: float = flag("CPUs per inference actor (also its torch threads on CPU)", 1.0)
     num_cpus_per_task: float = flag(
@@ -201,6 +225,14 @@ class InpaintConfig:
         )
         if self.num_actors < 0 or self.num_cpus_per_actor < 0 or self.num_cpus_per_task <= 0:
             problems.append("--num-actors and --num-cpus-per-actor must be >= 0, --num-cpus-per-task > 0")
+        if self.min_actors < 1 or self.max_actors < 0:
+            problems.append("--min-actors must be at least 1 and --max-actors at least 0")
+        if self.max_actors and self.max_actors < self.min_actors:
+            problems.append("--max-actors must be at least --min-actors (or 0: automatic)")
+        if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
+            problems.append("--num-gpus-per-actor must be >= 0")
+        if self.device == "cuda" and self.num_gpus_per_actor == 0:
+            problems.append("--device cuda needs --num-gpus-per-actor > 0: Ray gives an actor only the GPUs it requests")
         if self.limit is not None and self.limit < 1:
             problems.append("--limit must be at least 1")
         if self.run_id is not None:

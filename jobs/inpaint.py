@@ -47,18 +47,73 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
-def actor_resources(config: InpaintConfig, cluster: dict) -> tuple[int, float, float]:
-    """``(num_actors, num_gpus, num_cpus)`` per actor, filling in the automatic defaults."""
+@dataclass(frozen=True)
+class ActorPool:
+    """The inference actors' pool and what each actor requests from Ray."""
+
+    min_size: int
+    max_size: int | None  # None: no cap of our own (the cluster's size caps it)
+    initial_size: int
+    num_gpus: float
+    num_cpus: float
+
+    def strategy(self):
+        import ray
+
+        return ray.data.ActorPoolStrategy(
+            min_size=self.min_size, max_size=self.max_size, initial_size=self.initial_size
+        )
+
+
+def actor_pool(config: InpaintConfig, cluster: dict, reachable: dict | None = None) -> ActorPool:
+    """Size the actor pool and its requests from the config.
+
+    ``cluster`` is what is up now (``ray.cluster_resources()``); ``reachable`` what the autoscaler
+    reports it can grow to (``None`` where it reports nothing, as Ray's default autoscaler). The
+    GPUs an actor requests come from the config (``--num-gpus-per-actor``, else ``--device``); only
+    the automatic default of ``--device auto`` looks at the cluster. The pool then starts with as
+    many actors as the nodes up now hold and autoscales up to ``max_size``: pending GPU actors are
+    the demand that makes the cluster autoscaler start GPU nodes, and the pool uses each as it comes.
+    """
     gpus = config.num_gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
-    actors = config.num_actors
-    if actors == 0:
-        if gpus > 0:
-            actors = max(1, int(cluster.get("GPU", 0) // gpus))
+        if config.device == "auto":
+            has_gpus = cluster.get("GPU", 0) >= 1 or (reachable or {}).get("GPU", 0) >= 1
+            gpus = 1.0 if has_gpus else 0.0
         else:
-            actors = max(1, int(cluster.get("CPU", 1) // 4))
-    return actors, gpus, config.num_cpus_per_actor
+            gpus = 1.0 if config.device == "cuda" else 0.0
+    cpus = config.num_cpus_per_actor
+    if gpus > 0:
+        fits_now = int(cluster.get("GPU", 0) // gpus)
+        reachable_gpus = max(cluster.get("GPU", 0), (reachable or {}).get("GPU", 0))
+        auto_max = int(reachable_gpus // gpus) or None  # None: the autoscaler's max_workers caps it
+    else:
+        fits_now = auto_max = max(1, int(cluster.get("CPU", 1) // 4))
+    if config.num_actors:
+        size = config.num_actors
+        return ActorPool(size, size, size, gpus, cpus)
+    low = config.min_actors
+    high = config.max_actors or auto_max
+    if high is not None:
+        high = max(high, low)
+    initial = max(low, fits_now)
+    if high is not None:
+        initial = min(initial, high)
+    return ActorPool(low, high, initial, gpus, cpus)
+
+
+def reachable_resources() -> dict | None:
+    """The resources the cluster's autoscaler says it can grow to, or None if it says nothing.
+
+    The autoscaler v2 and KubeRay publish their node types in the GCS; Ray Data reads them the same
+    way. A private Ray API, so any failure means "unknown".
+    """
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:
+        return None
 
 
 def check_checkpoint(config: InpaintConfig) -> None:
@@ -85,7 +140,12 @@ def build_dataset(config: InpaintConfig, index_ref):
     from pipeline.writer import WriteOptions, encode_write
 
     manifest = config.manifest_uri
-    num_actors, num_gpus, num_cpus = actor_resources(config, ray.cluster_resources())
+    pool = actor_pool(config, ray.cluster_resources(), reachable_resources())
+    print(
+        f"inference actors: {pool.min_size} to {pool.max_size or 'as many as the cluster grows to'} "
+        f"(starting with {pool.initial_size}), {pool.num_gpus} GPU and {pool.num_cpus} CPU each, "
+        f"computing on {config.device}"
+    )
     task_cpus = config.num_cpus_per_task
     ds = ray.data.from_items([{"source": config.images}])
     # Blocks of about one task's worth of keys. Ray Data merges a task's output into blocks of up to
@@ -126,15 +186,16 @@ def build_dataset(config: InpaintConfig, index_ref):
     ds = ds.map_batches(
         InpaintPredictor,
         batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_gpus=num_gpus,
-        num_cpus=num_cpus,
+        compute=pool.strategy(),
+        num_gpus=pool.num_gpus,
+        num_cpus=pool.num_cpus,
         fn_constructor_kwargs={
             "checkpoint": config.checkpoint,
+            "device": config.device,
             "precision": config.precision,
             "channels_last": config.channels_last,
             "endpoint_url": config.endpoint_url,
-            "num_threads": max(1, int(round(num_cpus))) if num_gpus == 0 else None,
+            "num_threads": max(1, int(round(pool.num_cpus))),  # used when computing on the CPU
             **crash_hook_from_env(),
         },
     )

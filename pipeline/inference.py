@@ -34,11 +34,27 @@ EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when this process sees a GPU, else the CPU. Which GPUs a Ray actor sees
+    follows what it requested (``num_gpus``); where it computes is this, a separate choice."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(
+            f"device cuda, but this process sees no CUDA device (CUDA_VISIBLE_DEVICES={visible!r})"
+        )
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    return torch.device(device)
+
+
 class InpaintPredictor:
     def __init__(
         self,
         checkpoint: str,
         *,
+        device: str = "auto",
         precision: str = "fp32",
         channels_last: bool = False,
         endpoint_url: str | None = None,
@@ -52,9 +68,9 @@ class InpaintPredictor:
 
         if precision not in ("fp32", *AUTOCAST_DTYPES):
             raise ValueError(f"precision must be fp32, bf16 or fp16, not {precision!r}")
-        if num_threads:
+        self.device = resolve_device(device)
+        if num_threads and self.device.type == "cpu":
             torch.set_num_threads(num_threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, config, self.checkpoint_id = load_generator(
             checkpoint, device=self.device, endpoint_url=endpoint_url
         )
