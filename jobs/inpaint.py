@@ -30,6 +30,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -118,9 +119,9 @@ def reachable_resources() -> dict | None:
 
 def check_checkpoint(config: InpaintConfig) -> None:
     """Fail before any work if the checkpoint is not complete (its config.json is written last)."""
-    from pipeline.checkpoint import CONFIG_FILE, is_complete
+    from pipeline.checkpoint import CONFIG_FILE, is_complete, resolve
 
-    fs, root = storage.filesystem(config.checkpoint, config.endpoint_url)
+    fs, root = storage.filesystem(resolve(config.checkpoint), config.endpoint_url)
     fs.invalidate_cache()
     if not is_complete(fs, root):
         raise FileNotFoundError(f"no complete checkpoint at {config.checkpoint!r} ({CONFIG_FILE} missing)")

@@ -12,6 +12,7 @@ of 4 (results are identical to completing each image alone).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from contextlib import nullcontext
