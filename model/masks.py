@@ -152,6 +152,52 @@ def freeform_mask(
     return mask
 
 
+def freeform_box(mask: np.ndarray, local_size: int) -> tuple[int, int, int, int]:
+    """The ``local_size`` square ``(y, x, h, w)`` centred on the hole pixels' centre of mass (in
+    integer arithmetic), shifted to lie inside the image: it always contains the centre of mass,
+    and the whole mask when that fits."""
+    height, width = mask.shape
+    if not 1 <= local_size <= min(height, width):
+        raise ValueError(
+            f"local_size {local_size} must be between 1 and the image's shorter side ({height}x{width})"
+        )
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        cy, cx = height // 2, width // 2
+    else:
+        cy, cx = int(ys.sum()) // ys.size, int(xs.sum()) // xs.size
+    y = min(max(cy - local_size // 2, 0), height - local_size)
+    x = min(max(cx - local_size // 2, 0), width - local_size)
+    return (y, x, local_size, local_size)
+
+
+TRAINING_MASKS = ("rectangle", "freeform", "mixed")
+
+
+def training_mask(
+    kind: str,
+    height: int,
+    width: int,
+    *,
+    seed: int,
+    key: str,
+    local_size: int,
+    hole_range: tuple[int, int] | None = None,
+) -> RectangleMask:
+    """A training hole and the local discriminator's box: ``rectangle_mask``, a ``freeform_mask``
+    in its ``freeform_box``, or for ``mixed`` one of the two drawn from ``(seed, key)``. A pure
+    function of ``(seed, key)`` like every mask here (the rectangle and free-form masks of a key
+    are the ones those generators give it alone)."""
+    if kind == "mixed":
+        kind = ("rectangle", "freeform")[int(mask_rng(seed, f"{key}#kind").integers(0, 2))]
+    if kind == "rectangle":
+        return rectangle_mask(height, width, seed=seed, key=key, hole_range=hole_range, local_size=local_size)
+    if kind == "freeform":
+        mask = freeform_mask(height, width, seed=seed, key=key)
+        return RectangleMask(mask=mask, local_box=freeform_box(mask, local_size))
+    raise ValueError(f"unknown training mask kind {kind!r}; choose one of {list(TRAINING_MASKS)}")
+
+
 def _rectangle(height: int, width: int, *, seed: int, key: str = "") -> np.ndarray:
     return rectangle_mask(height, width, seed=seed, key=key).mask
 
