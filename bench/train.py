@@ -12,8 +12,8 @@ the checkpoints, one per window); the first window (start-up, DDP set-up, first 
 and the median of the others is reported. The global batch is the same for 1 and 2 workers (the
 paper's batch is global), so 2 workers each do half of it.
 
-The limit is one update of the same kind (``completion_step`` for phase 1; completion,
-``discriminator_step`` and ``joint_generator_step`` for phase 3) in a tight loop in this process on
+The limit is one update of the same kind (model/gan.py's ``train_step`` of phase 1 or 3, what
+the job runs) in a tight loop in this process on
 tensors already in memory, with as many torch threads as the workers have in total.
 """
 
@@ -134,12 +134,10 @@ def measure_limit(args, phase: int, threads: int) -> float:
     masks, boxes = torch.from_numpy(masks_np), torch.from_numpy(boxes_np)
 
     def step() -> None:
-        if phase == 1:
-            job.completion_step(generator, opt_g, images, masks, MEAN_PIXEL)
-            return
-        output, completed = job.complete(generator, images, masks, MEAN_PIXEL)
-        job.discriminator_step(critic, opt_d, images, completed, boxes, local)
-        job.joint_generator_step(opt_g, critic, output, completed, images, masks, boxes, local, 0.0004)
+        job.train_step(
+            phase, generator, critic, opt_g, opt_d, images, masks, boxes,
+            mean_pixel=MEAN_PIXEL, local_size=local, alpha=0.0004,
+        )  # fmt: skip
 
     step()  # warm-up
     steps = args.windows * args.window

@@ -55,6 +55,12 @@ class TrainConfig:
     local_size: int = flag("local discriminator patch size (paper: 128)", 128)
     hole_min: int = flag("smallest hole side in pixels (paper: 96)", 96)
     hole_max: int = flag("largest hole side in pixels (paper: 128)", 128)
+    train_masks: Literal["rectangle", "freeform", "mixed"] = flag(
+        "training holes: rectangle (the paper's: hole_min..hole_max inside a local_size box), freeform "
+        "(brush strokes; the local box is centred on their centre of mass) or mixed (each image's "
+        "kind drawn from the seed, key and step); validation masks are always rectangles",
+        "rectangle",
+    )
     batch_size: int = flag("images per step over all workers (paper: 96)", 96)
     tc: int = flag("phase 1 steps: completion network on MSE (paper: 90,000)", 90_000)
     td: int = flag("phase 2 steps: discriminator alone (paper: 10,000)", 10_000)
@@ -62,7 +68,14 @@ class TrainConfig:
     optimizer: Literal["adadelta", "adam"] = flag("optimizer (paper: adadelta)", "adadelta")
     lr_g: float = flag("completion network learning rate (paper: Adadelta's 1.0)", 1.0)
     lr_d: float = flag("discriminator learning rate (paper: Adadelta's 1.0)", 1.0)
-    alpha: float = flag("weight of the adversarial loss in phase 3 (paper: 0.0004)", 0.0004)
+    alpha: float = flag(
+        "weight of the adversarial loss in phase 3, as the paper's alpha (paper: 0.0004): the generator "
+        "minimises L + alpha * adversarial, L = the paper's weighted MSE ||M * (C(x, M) - x)||^2 as a "
+        "mean over all pixels and channels (also phase 1's loss) = the hole-pixel mean x the hole's "
+        "share of the image (about 0.19 for 96-128 px holes in 256 px crops); runs before this "
+        "definition (hole-pixel mean) with alpha a match alpha = a x that share now",
+        0.0004,
+    )
     val_images: str | None = flag("URI prefix of validation images; default: hold out val_fraction", None)
     val_fraction: float = flag("fraction of images held out for validation when val_images is unset", 0.01)
     val_limit: int = flag("validation images evaluated (the first by key)", 16)

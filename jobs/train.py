@@ -2,9 +2,10 @@
 
     python -m jobs.train --images s3://bucket/photos --output s3://bucket/models/glcic
 
-Phase 1 trains the completion network alone on the hole MSE for ``tc`` steps; phase 2 trains the
-context discriminator alone for ``td`` steps; phase 3 trains both, the completion network on
-MSE + ``alpha`` * adversarial loss, until step ``t_train`` (Iizuka et al. 2017, Sec. 3.4).
+Phase 1 trains the completion network alone on the paper's weighted MSE for ``tc`` steps; phase 2
+trains the context discriminator alone for ``td`` steps; phase 3 trains both, the completion
+network on MSE + ``alpha`` * adversarial loss, until step ``t_train`` (Iizuka et al. 2017, Sec. 3.4).
+The maths of each update is model/gan.py's ``train_step``.
 
 Each Ray Train worker holds both networks as separate DDP modules with their own optimizers. The
 discriminator always sees composited images (network output in the hole, input elsewhere), and
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import posixpath
@@ -34,16 +36,7 @@ import torch
 from jobs.config import TrainConfig, parse_config, print_config, save_config, to_dict
 from model.completion import CompletionNetwork, images_to_tensor
 from model.discriminator import ContextDiscriminator
-from model.gan import (
-    complete,
-    completion_step,
-    discriminator_step,
-    evaluate,
-    joint_generator_step,
-    make_optimizer,
-    progress_grid,
-    unwrap,
-)
+from model.gan import evaluate, make_optimizer, progress_grid, sync_batchnorm, train_step
 from pipeline import faults, storage, train_data
 from pipeline.checkpoint import CONFIG_FILE, ModelConfig, load_checkpoint, save_checkpoint
 from pipeline.faults import KILL_AT_STEP_ENV, KILL_IN_UPLOAD_ENV
@@ -134,16 +127,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if config.precision == "bf16" and not on_gpu and rank == 0:
         print("precision=bf16 applies on GPU only; this CPU worker trains in fp32")
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    # A factory: model/gan.py enters it around forward passes and losses only, never around
+    # backward or the optimizer step.
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
+        functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
         if config.precision == "bf16" and on_gpu
-        else contextlib.nullcontext()
+        else contextlib.nullcontext
     )
 
     torch.manual_seed(config.seed)  # the same initial weights on every worker
     generator = CompletionNetwork(config.width).to(device, memory_format=memory_format)
     discriminator = ContextDiscriminator(config.image_size, config.local_size, config.width)
     discriminator = discriminator.to(device, memory_format=memory_format)
+    # Several GPUs: BatchNorm over the whole batch, not batch_size / world images per GPU. Before
+    # the optimizers and prepare_model (DDP), so both see the converted modules.
+    generator = sync_batchnorm(generator, world, device)
+    discriminator = sync_batchnorm(discriminator, world, device)
     opt_g = make_optimizer(config.optimizer, generator.parameters(), config.lr_g)
     opt_d = make_optimizer(config.optimizer, discriminator.parameters(), config.lr_d)
 
@@ -187,40 +186,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         keys, images_u8 = next(batches)
         masks_np, boxes_np = train_data.batch_masks(
             keys, step=step, seed=config.seed, image_size=config.image_size,
-            local_size=config.local_size, hole_range=config.hole_range,
+            local_size=config.local_size, hole_range=config.hole_range, kind=config.train_masks,
         )  # fmt: skip
         images = images_to_tensor(images_u8, device, config.channels_last)
         masks = torch.from_numpy(masks_np).to(device, non_blocking=True)
         boxes = torch.from_numpy(boxes_np).to(device)
 
-        with autocast:
-            if phase == 1:
-                last = {"loss_mse": completion_step(generator, opt_g, images, masks, mean_pixel)}
-            elif phase == 2:
-                # The completion network is fixed in phase 2: its bare module, no graph.
-                with torch.no_grad():
-                    _, completed = complete(unwrap(generator).eval(), images, masks, mean_pixel)
-                unwrap(generator).train()
-                last = {
-                    "loss_d": discriminator_step(
-                        discriminator, opt_d, images, completed, boxes, config.local_size
-                    )
-                }
-            else:
-                output, completed = complete(generator, images, masks, mean_pixel)
-                loss_d = discriminator_step(discriminator, opt_d, images, completed, boxes, config.local_size)
-                mse, adversarial = joint_generator_step(
-                    opt_g,
-                    discriminator,
-                    output,
-                    completed,
-                    images,
-                    masks,
-                    boxes,
-                    config.local_size,
-                    config.alpha,
-                )
-                last = {"loss_mse": mse, "loss_adv": adversarial, "loss_d": loss_d}
+        last = train_step(
+            phase, generator, discriminator, opt_g, opt_d, images, masks, boxes,
+            mean_pixel=mean_pixel, local_size=config.local_size, alpha=config.alpha, autocast=autocast,
+        )  # fmt: skip
         if not all(math.isfinite(v) for v in last.values()):
             # Stop rather than checkpoint NaN weights over the last good ones.
             raise FloatingPointError(

@@ -20,7 +20,11 @@ import cv2
 import numpy as np
 
 # The paper's training setup: 256x256 images, holes with sides in [96, 128] inside the 128x128
-# patch the local discriminator sees. Defaults scale these to the image at hand.
+# patch the local discriminator sees. Defaults are these absolute pixel sizes: the network's
+# receptive field is about 300 px, so a hole scaled with a 3000x4000 photo (1100+ px) would leave
+# its centre seeing nothing but the mean pixel. Only images whose shorter side is below
+# PAPER_IMAGE_SIZE get proportionally smaller boxes, holes and brushes (exactly the masks that
+# earlier, image-proportional versions drew for them).
 PAPER_IMAGE_SIZE = 256
 PAPER_LOCAL_SIZE = 128
 PAPER_HOLE_RANGE = (96, 128)
@@ -42,10 +46,16 @@ class RectangleMask:
     local_box: tuple[int, int, int, int]  # (y, x, h, w): the patch the local discriminator sees
 
 
+def _reference_side(height: int, width: int) -> int:
+    """The shorter side, capped at the paper's 256 px: mask sizes are absolute above it."""
+    return min(height, width, PAPER_IMAGE_SIZE)
+
+
 def default_local_size(height: int, width: int) -> int:
-    """The paper's 128 px box in a 256 px image, scaled to the shorter side."""
-    short = min(height, width)
-    return max(1, min(short, round(PAPER_LOCAL_SIZE * short / PAPER_IMAGE_SIZE)))
+    """The paper's 128 px box; for images shorter than 256 px, scaled to the shorter side."""
+    return max(
+        1, min(height, width, round(PAPER_LOCAL_SIZE * _reference_side(height, width) / PAPER_IMAGE_SIZE))
+    )
 
 
 def default_hole_range(local_size: int) -> tuple[int, int]:
@@ -115,13 +125,14 @@ def freeform_mask(
 ) -> np.ndarray:
     """Free-form brush strokes: polylines of random integer steps drawn with a round brush.
 
-    Brush width and step length scale with the image's shorter side, so a stroke looks the same
-    on a thumbnail and on a photo. Every mask has at least one hole pixel.
+    Brush width (8..25 px) and step length (up to 51 px) are absolute, those of a 256 px image,
+    so strokes on a photo are as thin as the network can fill; only images shorter than 256 px
+    get proportionally smaller ones. Every mask has at least one hole pixel.
     """
     _check_size(height, width)
-    short = min(height, width)
-    max_step = max(1, short // 5)
-    max_brush = max(1, short // 10)
+    reference = _reference_side(height, width)
+    max_step = max(1, reference // 5)
+    max_brush = max(1, reference // 10)
     min_brush = max(1, max_brush // 3)
 
     rng = mask_rng(seed, key)
@@ -139,6 +150,52 @@ def freeform_mask(
             cv2.circle(mask, (nx, ny), max(1, brush // 2), 1, thickness=-1, lineType=cv2.LINE_8)
             y, x = ny, nx
     return mask
+
+
+def freeform_box(mask: np.ndarray, local_size: int) -> tuple[int, int, int, int]:
+    """The ``local_size`` square ``(y, x, h, w)`` centred on the hole pixels' centre of mass (in
+    integer arithmetic), shifted to lie inside the image: it always contains the centre of mass,
+    and the whole mask when that fits."""
+    height, width = mask.shape
+    if not 1 <= local_size <= min(height, width):
+        raise ValueError(
+            f"local_size {local_size} must be between 1 and the image's shorter side ({height}x{width})"
+        )
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        cy, cx = height // 2, width // 2
+    else:
+        cy, cx = int(ys.sum()) // ys.size, int(xs.sum()) // xs.size
+    y = min(max(cy - local_size // 2, 0), height - local_size)
+    x = min(max(cx - local_size // 2, 0), width - local_size)
+    return (y, x, local_size, local_size)
+
+
+TRAINING_MASKS = ("rectangle", "freeform", "mixed")
+
+
+def training_mask(
+    kind: str,
+    height: int,
+    width: int,
+    *,
+    seed: int,
+    key: str,
+    local_size: int,
+    hole_range: tuple[int, int] | None = None,
+) -> RectangleMask:
+    """A training hole and the local discriminator's box: ``rectangle_mask``, a ``freeform_mask``
+    in its ``freeform_box``, or for ``mixed`` one of the two drawn from ``(seed, key)``. A pure
+    function of ``(seed, key)`` like every mask here (the rectangle and free-form masks of a key
+    are the ones those generators give it alone)."""
+    if kind == "mixed":
+        kind = ("rectangle", "freeform")[int(mask_rng(seed, f"{key}#kind").integers(0, 2))]
+    if kind == "rectangle":
+        return rectangle_mask(height, width, seed=seed, key=key, hole_range=hole_range, local_size=local_size)
+    if kind == "freeform":
+        mask = freeform_mask(height, width, seed=seed, key=key)
+        return RectangleMask(mask=mask, local_box=freeform_box(mask, local_size))
+    raise ValueError(f"unknown training mask kind {kind!r}; choose one of {list(TRAINING_MASKS)}")
 
 
 def _rectangle(height: int, width: int, *, seed: int, key: str = "") -> np.ndarray:

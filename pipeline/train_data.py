@@ -18,7 +18,7 @@ import logging
 import cv2
 import numpy as np
 
-from model.masks import rectangle_mask
+from model.masks import training_mask
 from pipeline import storage
 from pipeline.decode import DecodeError, decode_image
 
@@ -190,9 +190,17 @@ def mean_pixel(uris: list[str], endpoint_url: str | None = None) -> tuple[float,
 
 
 def batch_masks(
-    keys, *, step: int, seed: int, image_size: int, local_size: int, hole_range: tuple[int, int]
+    keys,
+    *,
+    step: int,
+    seed: int,
+    image_size: int,
+    local_size: int,
+    hole_range: tuple[int, int],
+    kind: str = "rectangle",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded rectangle masks for one batch: ``(masks (N, 1, S, S) float32, boxes (N, 4) int64)``.
+    """Seeded masks for one batch: ``(masks (N, 1, S, S) float32, boxes (N, 4) int64)``, of
+    ``kind`` (``model.masks.training_mask``: rectangle, freeform or mixed).
 
     Each mask is a pure function of ``(seed, key, step)``, so a resumed run draws the same holes
     it would have drawn without the interruption.
@@ -200,7 +208,8 @@ def batch_masks(
     masks = np.empty((len(keys), 1, image_size, image_size), np.float32)
     boxes = np.empty((len(keys), 4), np.int64)
     for i, key in enumerate(keys):
-        drawn = rectangle_mask(
+        drawn = training_mask(
+            kind,
             image_size,
             image_size,
             seed=seed,
@@ -216,7 +225,8 @@ def batch_masks(
 def validation_masks(
     keys, *, seed: int, image_size: int, local_size: int, hole_range: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed validation masks: the same holes at every evaluation, so metrics are comparable."""
+    """The fixed validation masks: rectangles (whatever the training masks), the same holes at
+    every evaluation, so metrics are comparable across runs and steps."""
     return batch_masks(
         [f"val/{k}" for k in keys],
         step=0,
