@@ -299,9 +299,9 @@ def check_input(flag: str, uri: str, endpoint_url: str | None) -> None:
 
 
 def check_checkpoint(flag: str, uri: str, endpoint_url: str | None) -> None:
-    from pipeline.checkpoint import CONFIG_FILE, is_complete
+    from pipeline.checkpoint import CONFIG_FILE, is_complete, resolve
 
-    fs, path = _quick_filesystem(uri, endpoint_url)
+    fs, path = _quick_filesystem(resolve(uri), endpoint_url)
     try:
         found = is_complete(fs, path)
     except Exception as e:
@@ -311,10 +311,17 @@ def check_checkpoint(flag: str, uri: str, endpoint_url: str | None) -> None:
 
 
 def absolute_local_paths(spec: JobSpec, config: Any) -> Any:
-    """The config with relative local paths made absolute: a job runs in its own working_dir."""
+    """The config with relative local paths made absolute: a job runs in its own working_dir.
+
+    The shipped checkpoint's name (``default``) stays as it is: each job resolves it in its own
+    copy of the package."""
+    from pipeline.checkpoint import DEFAULT_CHECKPOINT
+
     changes = {}
     for name in spec.uris:
         value = getattr(config, name, None)
+        if name in spec.checkpoints and value == DEFAULT_CHECKPOINT:
+            continue
         if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
             changes[name] = os.path.abspath(value)
     return dataclasses.replace(config, **changes) if changes else config

@@ -156,7 +156,11 @@ class InpaintConfig:
         "or URI a line)"
     )
     output: str = flag("prefix for the completed images, at the inputs' relative keys")
-    checkpoint: str = flag("checkpoint prefix (config.json + generator.safetensors)")
+    checkpoint: str = flag(
+        "checkpoint prefix (config.json + generator.safetensors); 'default': the weights shipped with "
+        "glcic (model/weights/default, see its MODEL_CARD.md)",
+        "default",
+    )
     masks: str | None = flag(
         "prefix of hole masks at the images' relative keys (or with a .png suffix), white = hole; "
         "none: generate masks",
@@ -167,21 +171,33 @@ class InpaintConfig:
         "mask generator when --masks is not given; seeded by --mask-seed and the image key", "rectangle"
     )
     mask_seed: int = flag("seed of the generated masks (with the image key: reruns get the same masks)", 0)
-    output_format: Literal["png", "same"] = flag(
-        "png: <key>.png (keys already ending in .png unchanged); same: the input's key and format", "png"
+    output_format: Literal["png", "same", "jpeg", "webp"] = flag(
+        "png: <key>.png (keys already ending in .png unchanged); same: the input's key and format; jpeg / "
+        "webp: <key>.jpg / <key>.webp, lossy (quality 95); JPEG encodes about 25x faster than PNG, the "
+        "writer's main CPU cost when post-processing runs in the actor (bench/stages.py)",
+        "png",
     )
     write_masks: bool = flag("also write the mask used, as PNG under <output>/_masks/", False)
     postprocess: bool = flag(
-        "the paper's post-processing (fast marching + Poisson blending) on the CPU after inference", True
+        "the paper's post-processing (fast marching + Poisson blending) of every output", True
     )
-    batch_size: int = flag("images per inference batch (split into same-size buckets)", 16)
+    postprocess_on: Literal["auto", "actor", "writer"] = flag(
+        "where post-processing runs: actor = Poisson blending in torch on the inference device, batched "
+        "(model/poisson.py); writer = OpenCV's fast marching + seamlessClone in the CPU write tasks "
+        "(model/postprocess.py); auto = actor when the actor computes on a GPU, else writer",
+        "auto",
+    )
+    batch_size: int = flag(
+        "images per inference batch (split into same-size buckets); 0: 64 for GPU actors, 16 on CPU", 0
+    )
     task_batch_size: int = flag(
         "images per read/decode and encode/write task (and keys per listed block), independent of "
         "--batch-size so small inference batches do not multiply task launches",
         64,
     )
     num_actors: int = flag(
-        "a fixed pool of this many inference actors; 0: an autoscaling pool of --min-actors to --max-actors", 0
+        "a fixed pool of this many inference actors; 0: an autoscaling pool of --min-actors to --max-actors",
+        0,
     )
     min_actors: int = flag(
         "fewest inference actors of the autoscaling pool (Ray Data keeps at least 1); it starts with as many "
@@ -215,8 +231,16 @@ class InpaintConfig:
     max_pixels: int = flag(
         "larger images are refused with an error row (decompression bombs, out-of-memory)", DEFAULT_MAX_PIXELS
     )
-    precision: Literal["fp32", "bf16", "fp16"] = flag("fp32, or bf16/fp16 autocast (meant for GPUs)", "fp32")
-    channels_last: bool = flag("channels_last memory format for the network (faster on recent GPUs)", False)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = flag(
+        "fp32, or bf16/fp16 autocast; auto: bf16 when the actor computes on a GPU, else fp32", "auto"
+    )
+    channels_last: bool | None = flag(
+        "channels_last memory format for the network; default: on when the actor computes on a GPU", None
+    )
+    actor_tasks_in_flight: int = flag(
+        "batches queued at each inference actor, so the next one is fetched while the current one computes",
+        4,
+    )
     skip_existing: bool = flag("resume: skip images with an ok row in an earlier run's manifest", True)
     endpoint_url: str | None = flag(
         "S3-compatible endpoint (default: GLCIC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)", None
@@ -234,8 +258,10 @@ class InpaintConfig:
         if not self.images or not self.output or not self.checkpoint:
             problems.append("--images, --output and --checkpoint are required")
         problems += _at_least_one(
-            self, "batch_size", "task_batch_size", "manifest_rows_per_part", "max_pixels"
+            self, "task_batch_size", "manifest_rows_per_part", "max_pixels", "actor_tasks_in_flight"
         )
+        if self.batch_size < 0:
+            problems.append("--batch-size must be at least 1 (or 0: automatic)")
         if self.num_actors < 0 or self.num_cpus_per_actor < 0 or self.num_cpus_per_task <= 0:
             problems.append("--num-actors and --num-cpus-per-actor must be >= 0, --num-cpus-per-task > 0")
         if self.min_actors < 1 or self.max_actors < 0:
@@ -245,7 +271,9 @@ class InpaintConfig:
         if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
             problems.append("--num-gpus-per-actor must be >= 0")
         if self.device == "cuda" and self.num_gpus_per_actor == 0:
-            problems.append("--device cuda needs --num-gpus-per-actor > 0: Ray gives an actor only the GPUs it requests")
+            problems.append(
+                "--device cuda needs --num-gpus-per-actor > 0: Ray gives an actor only the GPUs it requests"
+            )
         if self.limit is not None and self.limit < 1:
             problems.append("--limit must be at least 1")
         if self.run_id is not None:
@@ -258,6 +286,11 @@ class InpaintConfig:
             if "/" in self.run_id:
                 problems.append("--run-id must not contain '/'")
         _raise_if(self, problems)
+
+    def inference_batch_size(self, gpus_per_actor: float) -> int:
+        """``batch_size``, or its automatic value: 64 images fill a GPU's batch at 256x256 far
+        better than the 16 that keep a CPU actor's latency and memory low."""
+        return self.batch_size or (64 if gpus_per_actor > 0 else 16)
 
     @property
     def manifest_uri(self) -> str:

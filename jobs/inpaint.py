@@ -58,11 +58,14 @@ class ActorPool:
     num_gpus: float
     num_cpus: float
 
-    def strategy(self):
+    def strategy(self, tasks_in_flight: int):
         import ray
 
         return ray.data.ActorPoolStrategy(
-            min_size=self.min_size, max_size=self.max_size, initial_size=self.initial_size
+            min_size=self.min_size,
+            max_size=self.max_size,
+            initial_size=self.initial_size,
+            max_tasks_in_flight_per_actor=tasks_in_flight,
         )
 
 
@@ -186,8 +189,8 @@ def build_dataset(config: InpaintConfig, index_ref):
     )
     ds = ds.map_batches(
         InpaintPredictor,
-        batch_size=config.batch_size,
-        compute=pool.strategy(),
+        batch_size=config.inference_batch_size(pool.num_gpus),
+        compute=pool.strategy(config.actor_tasks_in_flight),
         num_gpus=pool.num_gpus,
         num_cpus=pool.num_cpus,
         fn_constructor_kwargs={
@@ -195,6 +198,7 @@ def build_dataset(config: InpaintConfig, index_ref):
             "device": config.device,
             "precision": config.precision,
             "channels_last": config.channels_last,
+            "postprocess": config.postprocess_on if config.postprocess else "none",
             "endpoint_url": config.endpoint_url,
             "num_threads": max(1, int(round(pool.num_cpus))),  # used when computing on the CPU
             **crash_hook_from_env(),

@@ -127,7 +127,10 @@ def images_to_tensor(images: np.ndarray, device=None, channels_last: bool = Fals
     batch = images[None] if images.ndim == 3 else images
     # A writable copy when needed: Ray hands out read-only views of its object store.
     source = torch.from_numpy(batch if batch.flags.writeable and batch.flags.c_contiguous else batch.copy())
-    x = source.to(device or "cpu", non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":  # page-locked: the copy runs asynchronously, overlapping the host's work
+        source = source.pin_memory()
+    x = source.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
@@ -136,7 +139,10 @@ def masks_to_tensor(masks: np.ndarray, device=None) -> torch.Tensor:
     masks = np.asarray(masks)
     batch = masks[None] if masks.ndim == 2 else masks
     source = torch.from_numpy(np.ascontiguousarray(batch != 0))
-    return source.to(device or "cpu", non_blocking=True).unsqueeze(1).float()
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        source = source.pin_memory()
+    return source.to(device, non_blocking=True).unsqueeze(1).float()
 
 
 def tensor_to_images(images: torch.Tensor) -> np.ndarray:

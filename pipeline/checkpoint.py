@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
@@ -36,10 +37,27 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: the CLI checks ch
 ARCHITECTURE = "glcic-completion"
 FORMAT_VERSION = 1
 
+# The checkpoint URI that names the weights shipped in the package (model/weights/default/).
+DEFAULT_CHECKPOINT = "default"
+
 CONFIG_FILE = "config.json"
 GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def export_generator(
+    source: str, destination: str, *, endpoint_url: str | None = None, extra: dict | None = None
+) -> str:
+    """The generator of checkpoint ``source`` alone, in fp16, at ``destination`` (what ships):
+    no discriminator, no optimizer state, ``extra`` merged into its config's ``extra``."""
+    import torch
+
+    loaded = load_checkpoint(source, endpoint_url=endpoint_url, training_state=False)
+    config = dataclasses.replace(loaded.config, extra={**loaded.config.extra, **(extra or {})})
+    return save_checkpoint(
+        destination, config, loaded.generator, endpoint_url=endpoint_url, generator_dtype=torch.float16
+    )
 
 
 def is_complete(fs, root: str) -> bool:
@@ -124,8 +142,13 @@ def save_checkpoint(
     discriminator: nn.Module | None = None,
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
     endpoint_url: str | None = None,
+    generator_dtype: torch.dtype | None = None,
 ) -> str:
-    """Write a checkpoint to the directory / prefix ``uri``; return ``uri``."""
+    """Write a checkpoint to the directory / prefix ``uri``; return ``uri``.
+
+    ``generator_dtype`` (e.g. ``torch.float16``) stores the generator's floating-point weights in
+    that type: half the bytes for shipped weights. Loading casts them back to the model's float32.
+    """
     import torch
     from safetensors.torch import save as save_safetensors
 
@@ -140,7 +163,12 @@ def save_checkpoint(
     except FileNotFoundError:
         pass
 
-    blobs: dict[str, bytes] = {GENERATOR_FILE: save_safetensors(unwrapped_state_dict(generator))}
+    generator_state = unwrapped_state_dict(generator)
+    if generator_dtype is not None:
+        generator_state = {
+            k: t.to(generator_dtype) if t.is_floating_point() else t for k, t in generator_state.items()
+        }
+    blobs: dict[str, bytes] = {GENERATOR_FILE: save_safetensors(generator_state)}
     if discriminator is not None:
         blobs[DISCRIMINATOR_FILE] = save_safetensors(unwrapped_state_dict(discriminator))
     optimizer_json: dict[str, dict] = {}
@@ -323,6 +351,15 @@ def _read_config(fs, root: str, uri: str) -> dict:
     return document
 
 
+def resolve(uri: str) -> str:
+    """``"default"`` -> the weights shipped with glcic (``model/weights/default``); other URIs as given."""
+    if uri == DEFAULT_CHECKPOINT:
+        import model
+
+        return str(Path(model.__file__).resolve().parent / "weights" / DEFAULT_CHECKPOINT)
+    return uri
+
+
 def load_checkpoint(
     uri: str,
     endpoint_url: str | None = None,
@@ -331,6 +368,7 @@ def load_checkpoint(
     training_state: bool = True,
 ) -> LoadedCheckpoint:
     """Read a checkpoint; ``training_state=False`` skips the discriminator and optimizers."""
+    uri = resolve(uri)
     fs, root = storage.filesystem(uri, endpoint_url)
     document = _read_config(fs, root, uri)
     try:

@@ -28,6 +28,7 @@ from model.completion import (
     padded_size,
     tensor_to_images,
 )
+from model.poisson import poisson_blend
 from pipeline import faults
 from pipeline.manifest import STATUS_ERROR, STATUS_OK
 
@@ -56,8 +57,9 @@ class InpaintPredictor:
         checkpoint: str,
         *,
         device: str = "auto",
-        precision: str = "fp32",
-        channels_last: bool = False,
+        precision: str = "auto",
+        channels_last: bool | None = None,
+        postprocess: str = "none",
         endpoint_url: str | None = None,
         num_threads: int | None = None,
         crash_after_batches: int = 0,
@@ -67,9 +69,19 @@ class InpaintPredictor:
 
         from pipeline.checkpoint import load_generator
 
-        if precision not in ("fp32", *AUTOCAST_DTYPES):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, not {precision!r}")
+        if precision not in ("auto", "fp32", *AUTOCAST_DTYPES):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+        if postprocess not in ("none", "auto", "actor", "writer"):
+            raise ValueError(f"postprocess must be none, auto, actor or writer, not {postprocess!r}")
         self.device = resolve_device(device)
+        on_gpu = self.device.type == "cuda"
+        # On a GPU: bf16 and channels_last unless told otherwise, and the Poisson blend here, batched
+        # on the device, rather than OpenCV in the CPU write tasks (which cannot keep up with it).
+        if precision == "auto":
+            precision = "bf16" if on_gpu else "fp32"
+        if channels_last is None:
+            channels_last = on_gpu
+        self.blend_here = postprocess == "actor" or (postprocess == "auto" and on_gpu)
         if num_threads and self.device.type == "cpu":
             torch.set_num_threads(num_threads)
         model, config, self.checkpoint_id = load_generator(
@@ -128,6 +140,8 @@ class InpaintPredictor:
             m = m.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             out = self.model.complete(x, m, self.mean_pixel)
+        if self.blend_here:
+            out = poisson_blend(x, out.float(), m)
         out = tensor_to_images(out)
         completed: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
         for j, i in enumerate(order):
@@ -199,5 +213,7 @@ class InpaintPredictor:
             node_id=np.full(n, self.node_id, dtype=object),
             inference_worker=np.full(n, self.worker, dtype=object),
             gpu_id=np.full(n, self.gpu_id, dtype=object),
+            # The writer post-processes (OpenCV) only what was not blended here.
+            blended=np.full(n, self.blend_here, dtype=bool),
         )
         return batch

@@ -308,6 +308,13 @@ def read_decode(
             rows["error_message"][i] = str(e)
             rows["output_key"][i] = rows["encoder"][i] = ""
 
+    # Rows of one size next to each other: the actor's batches are slices of these blocks, and a
+    # batch of one (padded) size is one forward pass, where mixed photo sizes would split it in many.
+    order = sorted(range(n), key=lambda i: (int(height[i]), int(width[i])))
+    if order != list(range(n)):
+        keys, uris, images, masks = ([seq[i] for i in order] for seq in (keys, uris, images, masks))
+        rows = {name: [values[i] for i in order] for name, values in rows.items()}
+        width, height, hole, read_s, decode_s = (a[order] for a in (width, height, hole, read_s, decode_s))
     return {
         "input_key": keys,
         "input_uri": uris,

@@ -21,6 +21,8 @@ SAME_FORMAT_SUFFIXES = {
     ".tiff": "tiff",
     ".bmp": "bmp",
 }
+# ``output_format`` jpeg / webp: the suffix an output gets unless its key already has one of these.
+LOSSY_SUFFIXES = {"jpeg": (".jpg", ".jpeg"), "webp": (".webp",)}
 MASKS_FOLDER = "_masks"
 
 
@@ -30,10 +32,14 @@ def output_key_for(key: str, output_format: str) -> tuple[str, str]:
     ``png``: the key itself if it already ends in ``.png``, else ``<key>.png`` (``cat.jpg`` ->
     ``cat.jpg.png``), which never maps two inputs (``cat.jpg``, ``cat.png``) to one output.
     ``same``: the key unchanged, encoded in the format its suffix names; unknown suffixes get PNG.
+    ``jpeg`` / ``webp``: like ``png``, with ``.jpg`` / ``.webp``.
     """
     suffix = posixpath.splitext(key)[1].lower()
     if output_format == "same" and suffix in SAME_FORMAT_SUFFIXES:
         return key, SAME_FORMAT_SUFFIXES[suffix]
+    if output_format in LOSSY_SUFFIXES:
+        suffixes = LOSSY_SUFFIXES[output_format]
+        return (key if suffix in suffixes else key + suffixes[0]), output_format
     if suffix == ".png":
         return key, "png"
     return key + ".png", "png"

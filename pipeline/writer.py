@@ -24,18 +24,20 @@ from pipeline.naming import mask_output_key_for
 
 JPEG_QUALITY = 95
 PNG_COMPRESSION = 3  # zlib level: most of level 9's size at a fraction of its time
+WEBP_QUALITY = 95
+OPENCV_ENCODERS = {
+    "png": (".png", [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]),
+    "jpeg": (".jpg", [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]),
+    "webp": (".webp", [cv2.IMWRITE_WEBP_QUALITY, WEBP_QUALITY]),
+}
 
 
 def encode(image: np.ndarray, encoder: str) -> bytes:
     """HxWx3 RGB (or HxW grey) uint8 -> file bytes."""
-    if encoder in ("png", "jpeg"):
+    if encoder in OPENCV_ENCODERS:
+        suffix, params = OPENCV_ENCODERS[encoder]
         bgr = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-        params = (
-            [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]
-            if encoder == "png"
-            else [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
-        )
-        ok, buf = cv2.imencode(".png" if encoder == "png" else ".jpg", bgr, params)
+        ok, buf = cv2.imencode(suffix, bgr, params)
         if not ok:
             raise ValueError(f"OpenCV could not encode a {image.shape} image as {encoder}")
         return buf.tobytes()
@@ -81,7 +83,8 @@ def encode_write(batch: dict[str, np.ndarray], *, options: WriteOptions) -> dict
         start = time.perf_counter()
         try:
             mask = batch["mask"][i]
-            final = _finish(batch["completed"][i], mask, options.postprocess)
+            blended = "blended" in batch and bool(batch["blended"][i])
+            final = _finish(batch["completed"][i], mask, options.postprocess and not blended)
             data = encode(final, batch["encoder"][i])
             path = storage.join_key(root, output_key[i])
             if options.write_masks:
@@ -98,7 +101,7 @@ def encode_write(batch: dict[str, np.ndarray], *, options: WriteOptions) -> dict
             error_message[i] = f"{type(e).__name__}: {e}"
             output_key[i] = output_uri[i] = mask_output_key[i] = ""
         write_s[i] = time.perf_counter() - start
-    out = {k: v for k, v in batch.items() if k not in ("completed", "mask", "encoder")}
+    out = {k: v for k, v in batch.items() if k not in ("completed", "mask", "encoder", "blended")}
     out.update(
         status=status,
         error_type=error_type,

@@ -95,3 +95,10 @@ def test_blend_bench_reports_opencv_and_torch_side_by_side(tmp_path):
         assert positive(result[name]["ms_per_image"]), name
     # The torch blend is a blend: far closer to OpenCV's than the unblended completion.
     assert result["torch_cpu_mad_vs_opencv"] < result["raw_mad_vs_opencv"] / 4
+
+
+def test_stages_bench_reports_each_stage_cost(tmp_path):
+    figures = run_bench("stages.py", tmp_path)
+    (per_stage,) = figures["results"].values()
+    assert {"decode (JPEG in)", "post-process (OpenCV)", "encode PNG", "encode JPEG"} <= set(per_stage)
+    assert all(positive(s["ms_per_image"]) for s in per_stage.values())

@@ -49,13 +49,18 @@ def test_the_jobs_configs_round_trip_and_check_themselves():
     with pytest.raises(ValueError, match="tc"):
         TrainConfig(images="a", output="b", tc=30, td=0, t_train=20)
     with pytest.raises(ValueError, match="--batch-size must be at least 1"):
-        InpaintConfig(images="in", output="out", checkpoint="ckpt", batch_size=0)
+        InpaintConfig(images="in", output="out", checkpoint="ckpt", batch_size=-1)
+    auto = InpaintConfig(images="in", output="out")  # the shipped weights; batch sized for the device
+    assert auto.checkpoint == "default" and (auto.inference_batch_size(1), auto.inference_batch_size(0)) == (
+        64,
+        16,
+    )
     with pytest.raises(ValueError, match="run-id"):
         InpaintConfig(images="in", output="out", checkpoint="ckpt", run_id="../x")
     # A bad value on the job's own command line is one clear exit, not a traceback.
     with pytest.raises(SystemExit, match="must be at least 1"):
         parse_config(
-            InpaintConfig, ["--images", "i", "--output", "o", "--checkpoint", "c", "--batch-size", "0"]
+            InpaintConfig, ["--images", "i", "--output", "o", "--checkpoint", "c", "--task-batch-size", "0"]
         )
 
 

@@ -436,3 +436,43 @@ def test_killed_driver_then_resume(ray_local, tmp_path, photos, checkpoint):
     assert sorted(ok.input_key) == [f"k/{i:02d}.jpg" for i in range(n)]  # exactly one ok row each
     for key in ok.output_key:  # no partial object under a final key
         assert decode_image((Path(output) / key).read_bytes()).shape == (64, 64, 3)
+
+
+def test_postprocess_in_the_actor_matches_the_writers_and_lossy_formats(
+    ray_local, tmp_path, photos, checkpoint
+):
+    """Where a GPU runs it (--postprocess-on actor: the torch Poisson blend, batched on the inference
+    device), the post-processing agrees with the CPU writer's OpenCV blend; jpeg/webp name and encode
+    what they say."""
+    images = {f"p{i}.png": encode(Image.fromarray(crop(photos[i], 64, 64)), "PNG") for i in range(4)}
+    write_objects(str(tmp_path / "in"), images)
+    common = dict(images=str(tmp_path / "in"), checkpoint=checkpoint, batch_size=4, mask_seed=3)
+    outputs = {}
+    for where, fmt in (
+        ("writer", "png"),
+        ("actor", "png"),
+        ("none", "png"),
+        ("actor", "jpeg"),
+        ("writer", "webp"),
+    ):
+        out = str(tmp_path / f"{where}-{fmt}")
+        run(InpaintConfig(output=out, output_format=fmt, postprocess=where != "none",
+                          postprocess_on="writer" if where == "none" else where, **common))  # fmt: skip
+        outputs[where, fmt] = out
+    for key in images:
+        image = decode_image(images[key]).astype(int)
+        hole = generate_mask("rectangle", 64, 64, seed=3, key=key).astype(bool)
+        writer, actor, raw = (
+            decode_image((Path(outputs[w, "png"]) / f"{key}").read_bytes()).astype(int)
+            for w in ("writer", "actor", "none")
+        )
+        assert np.array_equal(actor[~hole], image[~hole])  # known pixels bit-exact (PNG)
+        gap_blends = np.abs(actor[hole] - writer[hole]).mean()
+        assert gap_blends < np.abs(raw[hole] - writer[hole]).mean() / 2, key  # a blend, near OpenCV's
+        for fmt, pil_name in (("jpeg", "JPEG"), ("webp", "WEBP")):
+            suffix = ".jpg" if fmt == "jpeg" else ".webp"
+            data = (
+                Path(outputs["actor" if fmt == "jpeg" else "writer", fmt]) / f"{key}{suffix}"
+            ).read_bytes()
+            assert Image.open(io.BytesIO(data)).format == pil_name
+            assert np.abs(decode_image(data)[~hole].astype(int) - image[~hole]).mean() < 4  # quality 95
