@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from jobs.config import InpaintConfig, parse_config, print_config, save_config, to_dict
+from jobs.config import BatchInferenceConfig, InpaintConfig, parse_config, print_config, save_config, to_dict
 from pipeline import manifest as manifest_lib
 from pipeline import storage
 
@@ -47,7 +47,7 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
-def actor_resources(config: InpaintConfig, cluster: dict) -> tuple[int, float, float]:
+def actor_resources(config: BatchInferenceConfig, cluster: dict) -> tuple[int, float, float]:
     """``(num_actors, num_gpus, num_cpus)`` per actor, filling in the automatic defaults."""
     gpus = config.num_gpus_per_actor
     if gpus is None:
@@ -61,7 +61,7 @@ def actor_resources(config: InpaintConfig, cluster: dict) -> tuple[int, float, f
     return actors, gpus, config.num_cpus_per_actor
 
 
-def check_checkpoint(config: InpaintConfig) -> None:
+def check_checkpoint(config: BatchInferenceConfig) -> None:
     """Fail before any work if the checkpoint is not complete (its config.json is written last)."""
     from pipeline.checkpoint import CONFIG_FILE, is_complete
 
@@ -76,17 +76,12 @@ def resume_index(manifest: str, endpoint_url: str | None) -> tuple[int, np.ndarr
     return len(digests), digests
 
 
-def build_dataset(config: InpaintConfig, index_ref):
+def listing_stage(config: BatchInferenceConfig, exclude: tuple[str, ...], output_format: str | None):
+    """A dataset of ``{"key", "uri", "collides_with"}`` rows: every input under ``config.images``."""
     import ray
 
-    from pipeline.faults import crash_hook_from_env
-    from pipeline.inference import InpaintPredictor
-    from pipeline.inpaint_data import ReadOptions, list_images, read_decode
-    from pipeline.writer import WriteOptions, encode_write
+    from pipeline.inpaint_data import list_images
 
-    manifest = config.manifest_uri
-    num_actors, num_gpus, num_cpus = actor_resources(config, ray.cluster_resources())
-    task_cpus = config.num_cpus_per_task
     ds = ray.data.from_items([{"source": config.images}])
     # Blocks of about one task's worth of keys. Ray Data merges a task's output into blocks of up to
     # 128 MiB by default, which would put a whole listing (tiny rows) into one block, and so into one
@@ -99,15 +94,53 @@ def build_dataset(config: InpaintConfig, index_ref):
     ds = ds.map_batches(
         list_images,
         batch_size=1,
-        num_cpus=min(0.25, task_cpus),  # it mostly waits on listing calls
-        fn_kwargs={
-            "endpoint_url": config.endpoint_url,
-            "exclude": (config.output, manifest),
-            "output_format": config.output_format,
-        },
+        num_cpus=min(0.25, config.num_cpus_per_task),  # it mostly waits on listing calls
+        fn_kwargs={"endpoint_url": config.endpoint_url, "exclude": exclude, "output_format": output_format},
     )
-    if config.limit is not None:
-        ds = ds.limit(config.limit)
+    return ds.limit(config.limit) if config.limit is not None else ds
+
+
+def predictor_kwargs(
+    config: BatchInferenceConfig, num_cpus: float, num_gpus: float, crash_hook: bool = True, **extra
+) -> dict:
+    """``InpaintPredictor``'s constructor arguments for this config (and the test-only crash hook)."""
+    from pipeline.faults import crash_hook_from_env
+
+    return {
+        "checkpoint": config.checkpoint,
+        "precision": config.precision,
+        "channels_last": config.channels_last,
+        "endpoint_url": config.endpoint_url,
+        "num_threads": max(1, int(round(num_cpus))) if num_gpus == 0 else None,
+        **(crash_hook_from_env() if crash_hook else {}),
+        **extra,
+    }
+
+
+def inference_stage(ds, config: BatchInferenceConfig, **predictor_options):
+    """``ds`` through the ``InpaintPredictor`` actor pool (``predictor_options``: e.g. keep_images)."""
+    import ray
+
+    from pipeline.inference import InpaintPredictor
+
+    num_actors, num_gpus, num_cpus = actor_resources(config, ray.cluster_resources())
+    return ds.map_batches(
+        InpaintPredictor,
+        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+        fn_constructor_kwargs=predictor_kwargs(config, num_cpus, num_gpus, **predictor_options),
+    )
+
+
+def build_dataset(config: InpaintConfig, index_ref):
+    from pipeline.inpaint_data import ReadOptions, read_decode
+    from pipeline.writer import WriteOptions, encode_write
+
+    manifest = config.manifest_uri
+    task_cpus = config.num_cpus_per_task
+    ds = listing_stage(config, exclude=(config.output, manifest), output_format=config.output_format)
     read_options = ReadOptions(
         output=config.output,
         masks=config.masks,
@@ -123,21 +156,7 @@ def build_dataset(config: InpaintConfig, index_ref):
         num_cpus=task_cpus,
         fn_kwargs={"options": read_options, "index_ref": [index_ref] if index_ref is not None else []},
     )
-    ds = ds.map_batches(
-        InpaintPredictor,
-        batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_gpus=num_gpus,
-        num_cpus=num_cpus,
-        fn_constructor_kwargs={
-            "checkpoint": config.checkpoint,
-            "precision": config.precision,
-            "channels_last": config.channels_last,
-            "endpoint_url": config.endpoint_url,
-            "num_threads": max(1, int(round(num_cpus))) if num_gpus == 0 else None,
-            **crash_hook_from_env(),
-        },
-    )
+    ds = inference_stage(ds, config)
     write_options = WriteOptions(
         output=config.output,
         postprocess=config.postprocess,
