@@ -50,6 +50,7 @@ log = logging.getLogger("glcic.evaluate")
 
 GRID_FILE = "_grid.png"
 SUMMARY_MARKDOWN_FILE = "_summary.md"
+GRID_MAX_HEIGHT = 256
 
 
 def read_options(config: EvaluateConfig):
@@ -148,7 +149,9 @@ def grid_png(config: EvaluateConfig, entries: list[tuple[str, str]]) -> bytes:
     ]
     if not rows:
         raise RuntimeError(f"none of the grid's images could be completed again: {list(keys)}")
-    return encode(grid_image(rows, height=config.crop or 256), "png")
+    # Cells of the crop's size; with --crop 0, of the tallest image's height, at most 256 px.
+    height = config.crop or min(GRID_MAX_HEIGHT, max(row[0].shape[0] for row in rows))
+    return encode(grid_image(rows, height=height), "png")
 
 
 def run(config: EvaluateConfig) -> dict:
