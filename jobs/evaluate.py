@@ -191,13 +191,21 @@ def run(config: EvaluateConfig) -> dict:
     scored_s = time.time() - started
 
     fs, root = storage.filesystem(run_prefix, config.endpoint_url)
-    grid = None
+    grid = grid_error = None
     if first.heap:
-        _, num_gpus, num_cpus = actor_resources(config, ray.cluster_resources())
-        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(grid_png)
-        data = ray.get(task.remote(config, first.entries()))
-        grid = storage.join_key(run_prefix, GRID_FILE)
-        storage.with_retries(lambda: storage.atomic_write_bytes(fs, storage.join_key(root, GRID_FILE), data))
+        # The grid is a picture of the rows, not a result: if it fails (an input gone since it was
+        # scored, storage down), the rows and the summary still stand and say why.
+        try:
+            _, num_gpus, num_cpus = actor_resources(config, ray.cluster_resources())
+            task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)(grid_png)
+            data = ray.get(task.remote(config, first.entries()))
+            storage.with_retries(
+                lambda: storage.atomic_write_bytes(fs, storage.join_key(root, GRID_FILE), data)
+            )
+            grid = storage.join_key(run_prefix, GRID_FILE)
+        except Exception as e:
+            grid_error = f"{type(e).__name__}: {e}"[:2000]
+            log.warning("evaluate %s: no grid: %s", run_id, grid_error)
 
     wall = time.time() - started
     summary = {
@@ -207,6 +215,7 @@ def run(config: EvaluateConfig) -> dict:
         "scoring_wall_s": round(scored_s, 3),
         "images_per_s": round(sum(totals.counts.values()) / scored_s, 3) if scored_s > 0 else None,
         "grid": grid,
+        "grid_error": grid_error,
         "grid_keys": [k for k, _ in first.entries()],
         "timing_columns": list(TIMING_COLUMNS),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
