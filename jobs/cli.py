@@ -1,7 +1,8 @@
 """The ``glcic`` command line: submit the jobs of ``jobs/`` as Ray Jobs and follow them.
 
-``glcic submit-train`` and ``glcic submit-inpaint`` take one flag per field of the job's config
-dataclass (``TrainConfig``, ``InpaintConfig``: the same dataclass the job parses), check from
+``glcic submit-train``, ``glcic submit-inpaint`` and ``glcic submit-evaluate`` take one flag per
+field of the job's config dataclass (``TrainConfig``, ``InpaintConfig``, ``EvaluateConfig``: the
+same dataclass the job parses), check from
 here what can be checked (storage protocols, input prefixes, the checkpoint), and submit
 ``python -m jobs.X <flags>`` through ``JobSubmissionClient`` with this project as the
 runtime_env ``working_dir``. ``--local`` instead runs the job's ``run(config)`` on a Ray started
@@ -164,6 +165,23 @@ INPAINT = JobSpec(
     inputs=("images", "masks"),
     checkpoints=("checkpoint",),
     uris=("images", "masks", "output", "checkpoint", "manifest"),
+)
+
+EVALUATE = JobSpec(
+    name="evaluate",
+    module="jobs.evaluate",
+    config_class=job_config.EvaluateConfig,
+    summary=(
+        "Score the generator (raw and post-processed) against OpenCV's Telea and Navier-Stokes fills on the "
+        "same seeded holes: per-image PSNR, SSIM and hole L1 as Parquet rows, a summary and a grid PNG."
+    ),
+    example=(
+        "glcic submit-evaluate --address http://127.0.0.1:8265 --images s3://photos/val "
+        "--output s3://photos/eval --checkpoint s3://models/glcic --wait"
+    ),
+    inputs=("images", "masks"),
+    checkpoints=("checkpoint",),
+    uris=("images", "masks", "output", "checkpoint"),
 )
 
 
@@ -507,6 +525,7 @@ def follow(client, address: str, job_id: str) -> str:
 
 app.command("submit-train")(_submit_command(TRAIN))
 app.command("submit-inpaint")(_submit_command(INPAINT))
+app.command("submit-evaluate")(_submit_command(EVALUATE))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The jobs' configurations, and the one engine that turns them into command-line flags.
 
-Each job has one dataclass here (``TrainConfig``, ``InpaintConfig``); every field is a flag, its
-help text in ``flag(help, default)``, its checks in ``__post_init__``. The same dataclass drives
+Each job has one dataclass here (``TrainConfig``, ``InpaintConfig``, ``EvaluateConfig``); every
+field is a flag, its help text in ``flag(help, default)``, its checks in ``__post_init__``. The two
+jobs that run the generator over listed images share ``BatchInferenceConfig``; a subclass may
+redefine a shared field to give it its own help text. The same dataclass drives
 the job's own ``python -m jobs.X --flag value`` entry point (what a Ray Job runs) and the
 ``glcic submit-X`` commands, through ``config_parameters`` (typer options, one per field) and
 ``to_argv`` (a config back to those flags). A newcomer adds a flag in one place: a field here.
@@ -144,12 +146,13 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inpainting.
+# The generator over a listing: what inpainting and evaluation share.
 
 
-@dataclass
-class InpaintConfig:
-    """Complete every image under --images with a trained generator; write results and a Parquet manifest."""
+@dataclass(kw_only=True)
+class BatchInferenceConfig:
+    """The fields of every job that runs the generator over listed images with Ray Data: inputs,
+    masks, the actor pool, precision, the manifest's part sizes. Not a job itself."""
 
     images: str = flag(
         "input images: a prefix (s3://, gs://, local, any fsspec URI) or a list file (.txt/.lst, one key "
@@ -166,27 +169,10 @@ class InpaintConfig:
         "none: generate masks",
         None,
     )
-    manifest: str | None = flag("prefix for the Parquet manifest (default: <output>/_manifest)", None)
     mask_generator: Literal["rectangle", "freeform"] = flag(
         "mask generator when --masks is not given; seeded by --mask-seed and the image key", "rectangle"
     )
     mask_seed: int = flag("seed of the generated masks (with the image key: reruns get the same masks)", 0)
-    output_format: Literal["png", "same", "jpeg", "webp"] = flag(
-        "png: <key>.png (keys already ending in .png unchanged); same: the input's key and format; jpeg / "
-        "webp: <key>.jpg / <key>.webp, lossy (quality 95); JPEG encodes about 25x faster than PNG, the "
-        "writer's main CPU cost when post-processing runs in the actor (bench/stages.py)",
-        "png",
-    )
-    write_masks: bool = flag("also write the mask used, as PNG under <output>/_masks/", False)
-    postprocess: bool = flag(
-        "the paper's post-processing (fast marching + Poisson blending) of every output", True
-    )
-    postprocess_on: Literal["auto", "actor", "writer"] = flag(
-        "where post-processing runs: actor = Poisson blending in torch on the inference device, batched "
-        "(model/poisson.py); writer = OpenCV's fast marching + seamlessClone in the CPU write tasks "
-        "(model/postprocess.py); auto = actor when the actor computes on a GPU, else writer",
-        "auto",
-    )
     batch_size: int = flag(
         "images per inference batch (split into same-size buckets); 0: 64 for GPU actors, 16 on CPU", 0
     )
@@ -241,7 +227,6 @@ class InpaintConfig:
         "batches queued at each inference actor, so the next one is fetched while the current one computes",
         4,
     )
-    skip_existing: bool = flag("resume: skip images with an ok row in an earlier run's manifest", True)
     endpoint_url: str | None = flag(
         "S3-compatible endpoint (default: GLCIC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)", None
     )
@@ -254,6 +239,10 @@ class InpaintConfig:
     log_every_s: float = flag("seconds between progress lines in the job log", 10.0)
 
     def __post_init__(self):
+        _raise_if(self, self.problems())
+
+    def problems(self) -> list[str]:
+        """What is wrong with the flags (a subclass adds its own checks to these)."""
         problems = []
         if not self.images or not self.output or not self.checkpoint:
             problems.append("--images, --output and --checkpoint are required")
@@ -285,16 +274,95 @@ class InpaintConfig:
                 problems.append(f"--run-id: {e}")
             if "/" in self.run_id:
                 problems.append("--run-id must not contain '/'")
-        _raise_if(self, problems)
+        return problems
 
     def inference_batch_size(self, gpus_per_actor: float) -> int:
         """``batch_size``, or its automatic value: 64 images fill a GPU's batch at 256x256 far
         better than the 16 that keep a CPU actor's latency and memory low."""
         return self.batch_size or (64 if gpus_per_actor > 0 else 16)
 
+
+# ---------------------------------------------------------------------------------------------
+# Inpainting.
+
+
+@dataclass(kw_only=True)
+class InpaintConfig(BatchInferenceConfig):
+    """Complete every image under --images with a trained generator; write results and a Parquet manifest."""
+
+    manifest: str | None = flag("prefix for the Parquet manifest (default: <output>/_manifest)", None)
+    output_format: Literal["png", "same", "jpeg", "webp"] = flag(
+        "png: <key>.png (keys already ending in .png unchanged); same: the input's key and format; jpeg / "
+        "webp: <key>.jpg / <key>.webp, lossy (quality 95); JPEG encodes about 25x faster than PNG, the "
+        "writer's main CPU cost when post-processing runs in the actor (bench/stages.py)",
+        "png",
+    )
+    write_masks: bool = flag("also write the mask used, as PNG under <output>/_masks/", False)
+    postprocess: bool = flag(
+        "the paper's post-processing (fast marching + Poisson blending) of every output", True
+    )
+    postprocess_on: Literal["auto", "actor", "writer"] = flag(
+        "where post-processing runs: actor = Poisson blending in torch on the inference device, batched "
+        "(model/poisson.py); writer = OpenCV's fast marching + seamlessClone in the CPU write tasks "
+        "(model/postprocess.py); auto = actor when the actor computes on a GPU, else writer",
+        "auto",
+    )
+    skip_existing: bool = flag("resume: skip images with an ok row in an earlier run's manifest", True)
+
     @property
     def manifest_uri(self) -> str:
         return self.manifest or f"{self.output.rstrip('/')}/_manifest"
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(BatchInferenceConfig):
+    """Score the generator against OpenCV's Telea and Navier-Stokes fills on the same seeded holes:
+    hole PSNR, SSIM and hole L1 per image as Parquet rows, a summary (JSON + Markdown) and a grid PNG."""
+
+    output: str = flag(
+        "prefix of the evaluation: <output>/run_id=<id>/ holds the Parquet rows, _SUCCESS.json (the "
+        "summary), _summary.md and _grid.png"
+    )
+    crop: int = flag(
+        "evaluate a square of this side: the shorter side resized to it, then a centre crop (the trainer's "
+        "validation view); 0 = the full image",
+        256,
+    )
+    local_size: int = flag(
+        "rectangle holes lie inside a box of this side (the local discriminator's patch; clipped to "
+        "the image's shorter side)",
+        128,
+    )
+    hole_min: int = flag("smallest rectangle hole side in pixels", 64)
+    hole_max: int = flag("largest rectangle hole side in pixels", 128)
+    grid_rows: int = flag(
+        "rows of the comparison grid (input with hole | Telea | glcic | truth), the first ok images "
+        "by key; 0 = no grid",
+        8,
+    )
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.crop < 0:
+            problems.append("--crop must be >= 0 (0 = the full image)")
+        if not 1 <= self.hole_min <= self.hole_max <= self.local_size:
+            problems.append(
+                f"need 1 <= hole_min <= hole_max <= local_size, got {self.hole_min}..{self.hole_max} "
+                f"in {self.local_size}"
+            )
+        if self.crop and self.local_size > self.crop:
+            problems.append(f"--local-size ({self.local_size}) must fit in --crop ({self.crop})")
+        if self.grid_rows < 0:
+            problems.append("--grid-rows must be >= 0")
+        return problems
+
+    @property
+    def hole_range(self) -> tuple[int, int]:
+        return (self.hole_min, self.hole_max)
 
 
 def _at_least_one(config: Any, *names: str) -> list[str]:

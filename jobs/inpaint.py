@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from jobs.config import InpaintConfig, parse_config, print_config, save_config, to_dict
+from jobs.config import BatchInferenceConfig, InpaintConfig, parse_config, print_config, save_config, to_dict
 from pipeline import manifest as manifest_lib
 from pipeline import storage
 
@@ -69,7 +69,7 @@ class ActorPool:
         )
 
 
-def actor_pool(config: InpaintConfig, cluster: dict, reachable: dict | None = None) -> ActorPool:
+def actor_pool(config: BatchInferenceConfig, cluster: dict, reachable: dict | None = None) -> ActorPool:
     """Size the actor pool and its requests from the config.
 
     ``cluster`` is what is up now (``ray.cluster_resources()``); ``reachable`` what the autoscaler
@@ -120,7 +120,7 @@ def reachable_resources() -> dict | None:
         return None
 
 
-def check_checkpoint(config: InpaintConfig) -> None:
+def check_checkpoint(config: BatchInferenceConfig) -> None:
     """Fail before any work if the checkpoint is not complete (its config.json is written last)."""
     from pipeline.checkpoint import CONFIG_FILE, is_complete, resolve
 
@@ -135,22 +135,12 @@ def resume_index(manifest: str, endpoint_url: str | None) -> tuple[int, np.ndarr
     return len(digests), digests
 
 
-def build_dataset(config: InpaintConfig, index_ref):
+def listing_stage(config: BatchInferenceConfig, exclude: tuple[str, ...], output_format: str | None):
+    """A dataset of ``{"key", "uri", "collides_with"}`` rows: every input under ``config.images``."""
     import ray
 
-    from pipeline.faults import crash_hook_from_env
-    from pipeline.inference import InpaintPredictor
-    from pipeline.inpaint_data import ReadOptions, list_images, read_decode
-    from pipeline.writer import WriteOptions, encode_write
+    from pipeline.inpaint_data import list_images
 
-    manifest = config.manifest_uri
-    pool = actor_pool(config, ray.cluster_resources(), reachable_resources())
-    print(
-        f"inference actors: {pool.min_size} to {pool.max_size or 'as many as the cluster grows to'} "
-        f"(starting with {pool.initial_size}), {pool.num_gpus} GPU and {pool.num_cpus} CPU each, "
-        f"computing on {config.device}"
-    )
-    task_cpus = config.num_cpus_per_task
     ds = ray.data.from_items([{"source": config.images}])
     # Blocks of about one task's worth of keys. Ray Data merges a task's output into blocks of up to
     # 128 MiB by default, which would put a whole listing (tiny rows) into one block, and so into one
@@ -163,15 +153,59 @@ def build_dataset(config: InpaintConfig, index_ref):
     ds = ds.map_batches(
         list_images,
         batch_size=1,
-        num_cpus=min(0.25, task_cpus),  # it mostly waits on listing calls
-        fn_kwargs={
-            "endpoint_url": config.endpoint_url,
-            "exclude": (config.output, manifest),
-            "output_format": config.output_format,
-        },
+        num_cpus=min(0.25, config.num_cpus_per_task),  # it mostly waits on listing calls
+        fn_kwargs={"endpoint_url": config.endpoint_url, "exclude": exclude, "output_format": output_format},
     )
-    if config.limit is not None:
-        ds = ds.limit(config.limit)
+    return ds.limit(config.limit) if config.limit is not None else ds
+
+
+def predictor_kwargs(config: BatchInferenceConfig, pool: ActorPool, crash_hook: bool = True, **extra) -> dict:
+    """``InpaintPredictor``'s constructor arguments for this config (and the test-only crash hook)."""
+    from pipeline.faults import crash_hook_from_env
+
+    return {
+        "checkpoint": config.checkpoint,
+        "device": config.device,
+        "precision": config.precision,
+        "channels_last": config.channels_last,
+        "endpoint_url": config.endpoint_url,
+        "num_threads": max(1, int(round(pool.num_cpus))),  # used when computing on the CPU
+        **(crash_hook_from_env() if crash_hook else {}),
+        **extra,
+    }
+
+
+def inference_stage(ds, config: BatchInferenceConfig, crash_hook: bool = True, **predictor_options):
+    """``ds`` through the ``InpaintPredictor`` actor pool (``predictor_options``: e.g. postprocess,
+    keep_images), sized by ``actor_pool``."""
+    import ray
+
+    from pipeline.inference import InpaintPredictor
+
+    pool = actor_pool(config, ray.cluster_resources(), reachable_resources())
+    print(
+        f"inference actors: {pool.min_size} to {pool.max_size or 'as many as the cluster grows to'} "
+        f"(starting with {pool.initial_size}), {pool.num_gpus} GPU and {pool.num_cpus} CPU each, "
+        f"computing on {config.device}"
+    )
+    return ds.map_batches(
+        InpaintPredictor,
+        batch_size=config.inference_batch_size(pool.num_gpus),
+        compute=pool.strategy(config.actor_tasks_in_flight),
+        num_gpus=pool.num_gpus,
+        num_cpus=pool.num_cpus,
+        fn_constructor_kwargs=predictor_kwargs(config, pool, crash_hook, **predictor_options),
+    )
+
+
+def build_dataset(config: InpaintConfig, index_ref):
+    from pipeline.inpaint_data import ReadOptions, read_decode
+    from pipeline.writer import WriteOptions, encode_write
+
+    task_cpus = config.num_cpus_per_task
+    ds = listing_stage(
+        config, exclude=(config.output, config.manifest_uri), output_format=config.output_format
+    )
     read_options = ReadOptions(
         output=config.output,
         masks=config.masks,
@@ -187,23 +221,7 @@ def build_dataset(config: InpaintConfig, index_ref):
         num_cpus=task_cpus,
         fn_kwargs={"options": read_options, "index_ref": [index_ref] if index_ref is not None else []},
     )
-    ds = ds.map_batches(
-        InpaintPredictor,
-        batch_size=config.inference_batch_size(pool.num_gpus),
-        compute=pool.strategy(config.actor_tasks_in_flight),
-        num_gpus=pool.num_gpus,
-        num_cpus=pool.num_cpus,
-        fn_constructor_kwargs={
-            "checkpoint": config.checkpoint,
-            "device": config.device,
-            "precision": config.precision,
-            "channels_last": config.channels_last,
-            "postprocess": config.postprocess_on if config.postprocess else "none",
-            "endpoint_url": config.endpoint_url,
-            "num_threads": max(1, int(round(pool.num_cpus))),  # used when computing on the CPU
-            **crash_hook_from_env(),
-        },
-    )
+    ds = inference_stage(ds, config, postprocess=config.postprocess_on if config.postprocess else "none")
     write_options = WriteOptions(
         output=config.output,
         postprocess=config.postprocess,

@@ -62,6 +62,7 @@ class InpaintPredictor:
         postprocess: str = "none",
         endpoint_url: str | None = None,
         num_threads: int | None = None,
+        keep_images: bool = False,
         crash_after_batches: int = 0,
         crash_marker: str | None = None,
     ):
@@ -89,6 +90,8 @@ class InpaintPredictor:
         )
         self.model = model.eval()
         self.channels_last = channels_last
+        # The evaluation job scores completions against their inputs: it keeps the "image" column.
+        self.keep_images = keep_images
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.mean_pixel = tuple(float(v) for v in config.mean_pixel)
@@ -175,7 +178,8 @@ class InpaintPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._maybe_crash()
         n = len(batch["input_key"])
-        images, masks = batch.pop("image"), batch["mask"]
+        images = batch["image"] if self.keep_images else batch.pop("image")
+        masks = batch["mask"]
         completed = list(images)  # rows with nothing to fill pass their pixels through
         inference_s = np.zeros(n, dtype=np.float32)
         status = batch["status"].astype(object)  # the batch's own arrays may be read-only views

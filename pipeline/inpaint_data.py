@@ -24,6 +24,7 @@ from pipeline import storage
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_mask
 from pipeline.manifest import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, contains
 from pipeline.naming import key_digest, key_digests, output_key_for
+from pipeline.train_data import scale_and_crop
 
 LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
@@ -156,6 +157,10 @@ class ReadOptions:
     output_format: str = "png"
     max_pixels: int = DEFAULT_MAX_PIXELS
     endpoint_url: str | None = None
+    # The evaluation's view (jobs/evaluate.py); the inpainting job leaves these unset.
+    crop: int = 0  # > 0: shorter side resized to it, centre crop (train_data.scale_and_crop), masks too
+    hole_range: tuple[int, int] | None = None  # rectangle hole sides, instead of the size-scaled default
+    local_size: int | None = None  # ... inside a box of this side (both clipped to the image)
 
 
 # Per worker process: the resume index fetched once from the object store (zero-copy).
@@ -214,13 +219,19 @@ def _load_mask(key: str, height: int, width: int, options: ReadOptions) -> tuple
 
 
 def _generate_mask(key: str, height: int, width: int, options: ReadOptions) -> np.ndarray:
-    from model.masks import generate_mask
+    from model.masks import generate_mask, rectangle_mask
 
     try:
-        return np.ascontiguousarray(
-            generate_mask(options.mask_generator, height, width, seed=options.mask_seed, key=key),
-            dtype=np.uint8,
-        )
+        if options.mask_generator == "rectangle" and options.local_size is not None:
+            box = min(options.local_size, height, width)
+            lo, hi = options.hole_range or (box, box)
+            mask = rectangle_mask(
+                height, width, seed=options.mask_seed, key=key, hole_range=(min(lo, box), min(hi, box)),
+                local_size=box,
+            ).mask  # fmt: skip
+        else:
+            mask = generate_mask(options.mask_generator, height, width, seed=options.mask_seed, key=key)
+        return np.ascontiguousarray(mask, dtype=np.uint8)
     except Exception as e:
         raise RowError("mask_generation_failed", f"{type(e).__name__}: {e}") from None
 
@@ -286,14 +297,18 @@ def read_decode(
                 raise RowError(e.kind, str(e)) from None
             del data
             h, w = image.shape[:2]
-            height[i], width[i] = h, w
+            height[i], width[i] = h, w  # the image's own size, also with a crop
+            if options.crop:
+                image = scale_and_crop(image, options.crop, None)
             decode_s[i] = time.perf_counter() - start
             start = time.perf_counter()
             if generated:
-                mask = _generate_mask(key, h, w, options)
+                mask = _generate_mask(key, *image.shape[:2], options)
                 decode_s[i] += time.perf_counter() - start
             else:
                 mask, rows["mask_key"][i] = _load_mask(key, h, w, options)
+                if options.crop:  # the same view of the mask; white (>= 128 after resizing) = hole
+                    mask = (scale_and_crop(mask * 255, options.crop, None) >= 128).astype(np.uint8)
                 read_s[i] += time.perf_counter() - start  # mostly the mask's GET
             hole[i] = float(mask.mean())
             if hole[i] >= 1.0:

@@ -94,26 +94,27 @@ def part_name(keys: list[str], statuses: list[str]) -> str:
     return f"part-{h.hexdigest()}.parquet"
 
 
-def rows_to_table(rows: dict[str, list | np.ndarray]) -> pa.Table:
-    """Column dict (every ``MANIFEST_COLUMNS`` name) -> a table with the manifest schema.
+def rows_to_table(rows: dict[str, list | np.ndarray], schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
+    """Column dict (every name of ``schema``) -> a table with that schema (default: the manifest's).
 
-    The pipeline carries "none" as "" (strings), 0 (sizes) and NaN (fractions) so every block has
-    the same Arrow types; here they become nulls. ``mask_seed`` is null when masks were read.
+    The pipeline carries "none" as "" (strings), 0 (int32 sizes) and NaN (floats) so every block
+    has the same Arrow types; here they become nulls. ``mask_seed`` is null when masks were read.
     """
     columns = {}
-    for f in MANIFEST_SCHEMA:
+    for f in schema:
         values = list(rows[f.name].tolist() if isinstance(rows[f.name], np.ndarray) else rows[f.name])
         if pa.types.is_string(f.type):
             values = [v if isinstance(v, str) and v else None for v in values]
-        elif f.name in ("width", "height"):
+        elif pa.types.is_int32(f.type):  # sizes: width, height
             values = [int(v) if v else None for v in values]
         columns[f.name] = values
-    columns["mask_seed"] = [
-        int(seed) if generator else None
-        for seed, generator in zip(columns["mask_seed"], columns["mask_generator"], strict=True)
-    ]
-    arrays = [pa.array(columns[f.name], type=f.type, from_pandas=True) for f in MANIFEST_SCHEMA]
-    return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
+    if "mask_seed" in columns:
+        columns["mask_seed"] = [
+            int(seed) if generator else None
+            for seed, generator in zip(columns["mask_seed"], columns["mask_generator"], strict=True)
+        ]
+    arrays = [pa.array(columns[f.name], type=f.type, from_pandas=True) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def write_part(manifest: str, run_id: str, table: pa.Table, endpoint_url: str | None = None) -> str:

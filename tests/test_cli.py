@@ -93,16 +93,22 @@ def test_every_flag_has_help_and_every_command_an_example():
     from typer.main import get_command
 
     from jobs.cli import app
-    from jobs.config import InpaintConfig, TrainConfig
+    from jobs.config import EvaluateConfig, InpaintConfig, TrainConfig
 
     group = get_command(app)
-    assert {"submit-train", "submit-inpaint", "status", "logs", "stop", "list"} <= set(group.commands)
+    assert {"submit-train", "submit-inpaint", "submit-evaluate", "status", "logs", "stop", "list"} <= set(
+        group.commands
+    )
     for name, command in group.commands.items():
         assert "Example" in (command.help or "") + (command.epilog or ""), name
         for param in command.params:
             if param.name != "help":
                 assert getattr(param, "help", None) or param.param_type_name == "argument", (name, param.name)
-    for name, cls in (("submit-train", TrainConfig), ("submit-inpaint", InpaintConfig)):
+    for name, cls in (
+        ("submit-train", TrainConfig),
+        ("submit-inpaint", InpaintConfig),
+        ("submit-evaluate", EvaluateConfig),
+    ):
         flags = {opt for p in group.commands[name].params for opt in p.opts}
         for f in dataclasses.fields(cls):
             assert f"--{f.name.replace('_', '-')}" in flags, (name, f.name)
@@ -119,9 +125,12 @@ def test_every_flag_has_help_and_every_command_an_example():
         (["submit-train", "--images", "s3://test/x", "--output", "s3://m", "--width", "wide"], 2, ["--width"]),
         (["status", "raysubmit_x", "--address", "http://127.0.0.1:1"], 1, ["cannot reach", "127.0.0.1:1"]),
         (["list"], 2, ["--address", "RAY_ADDRESS"]),
+        (["submit-evaluate", "--images", "i", "--output", "o", "--checkpoint", "c", "--hole-max", "200"], 2,
+         ["hole_max <= local_size"]),
+        (["submit-evaluate", "--images", "notaproto://x", "--output", "o", "--checkpoint", "c"], 2, ["notaproto"]),
     ],
     ids=["bad-protocol", "missing-flag", "bad-schedule", "unknown-flag", "bad-number", "unreachable-cluster",
-         "no-address"],
+         "no-address", "evaluate-bad-holes", "evaluate-bad-protocol"],
 )  # fmt: skip
 def test_bad_arguments_give_one_clear_line(args, exit_code, words):
     result = glcic_here(*args)

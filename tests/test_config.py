@@ -5,6 +5,8 @@ import pytest
 
 from jobs.config import (
     DEFAULT_MAX_PIXELS,
+    BatchInferenceConfig,
+    EvaluateConfig,
     InpaintConfig,
     TrainConfig,
     flag,
@@ -68,3 +70,23 @@ def test_the_default_pixel_limit_is_the_decoders():
     from pipeline.decode import DEFAULT_MAX_PIXELS as DECODER_DEFAULT
 
     assert DEFAULT_MAX_PIXELS == DECODER_DEFAULT
+
+
+def test_evaluate_config_shares_the_inference_flags_and_checks_its_protocol():
+    shared = {f.name for f in dataclasses.fields(BatchInferenceConfig)}
+    assert shared <= {f.name for f in dataclasses.fields(InpaintConfig)}
+    assert shared <= {f.name for f in dataclasses.fields(EvaluateConfig)}
+    evaluate = EvaluateConfig(images="in", output="out", checkpoint="ckpt", crop=0, mask_seed=3, num_actors=2)
+    assert parse_config(EvaluateConfig, to_argv(evaluate)) == evaluate
+    assert (evaluate.crop, evaluate.local_size, evaluate.hole_range, evaluate.grid_rows) == (
+        0,
+        128,
+        (64, 128),
+        8,
+    )
+    with pytest.raises(ValueError, match="--batch-size must be at least 1"):  # a shared check
+        EvaluateConfig(images="in", output="out", checkpoint="ckpt", batch_size=0)
+    with pytest.raises(ValueError, match="must fit in --crop"):
+        EvaluateConfig(images="in", output="out", checkpoint="ckpt", crop=64)
+    with pytest.raises(ValueError, match="hole_min <= hole_max"):
+        EvaluateConfig(images="in", output="out", checkpoint="ckpt", hole_min=100, hole_max=90)

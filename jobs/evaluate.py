@@ -1,0 +1,246 @@
+"""Evaluation: the generator against OpenCV's Telea and Navier-Stokes fills on the same holes.
+
+    python -m jobs.evaluate --images s3://bucket/val --output s3://bucket/eval \\
+        --checkpoint s3://bucket/checkpoints/final
+
+The inpainting job's listing, reading and inference, then a scoring stage (Ray Data operators)::
+
+    list_images -> read_decode (crop, seeded mask) -> InpaintPredictor (actor pool, keep_images)
+        -> evaluate_batch (tasks: post-processing, Telea, Navier-Stokes, metrics)
+
+Each image is viewed as the trainer's validation views it (``--crop``: shorter side resized to it,
+centre crop; 0 = the whole image) with a hole drawn from ``--mask-seed`` and its key (rectangles of
+``--hole-min``..``--hole-max`` px inside a ``--local-size`` box, or ``--mask-generator freeform``),
+or read from ``--masks``; reruns score the same holes. Under ``<output>/run_id=<id>/`` (the
+manifest's conventions, ``pipeline/manifest.py``):
+
+    _config.json        the EvaluateConfig
+    part-<hash>.parquet one row per input (``pipeline.evaluation.EVALUATION_SCHEMA``)
+    _grid.png           input with hole | Telea | glcic (raw) | truth, the first --grid-rows ok images by key
+    _summary.md         the summary as Markdown tables
+    _SUCCESS.json       the summary (means per method, comparisons, counts, timings); written last
+
+The driver only sees result rows (no pixels): it writes them as parts, adds them to the summary
+and remembers the first ``--grid-rows`` ok keys; one task then redoes those few images for the grid.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from jobs.config import EvaluateConfig, parse_config, print_config, save_config, to_dict
+from jobs.inpaint import (
+    actor_pool,
+    check_checkpoint,
+    inference_stage,
+    listing_stage,
+    new_run_id,
+    predictor_kwargs,
+    reachable_resources,
+)
+from pipeline import manifest as manifest_lib
+from pipeline import storage
+
+log = logging.getLogger("glcic.evaluate")
+
+GRID_FILE = "_grid.png"
+SUMMARY_MARKDOWN_FILE = "_summary.md"
+GRID_MAX_HEIGHT = 256
+
+
+def read_options(config: EvaluateConfig):
+    from pipeline.inpaint_data import ReadOptions
+
+    return ReadOptions(
+        output=config.output,
+        masks=config.masks,
+        mask_generator=config.mask_generator,
+        mask_seed=config.mask_seed,
+        max_pixels=config.max_pixels,
+        endpoint_url=config.endpoint_url,
+        crop=config.crop,
+        hole_range=config.hole_range,
+        local_size=config.local_size,
+    )
+
+
+def build_dataset(config: EvaluateConfig):
+    from pipeline.evaluation import evaluate_batch
+    from pipeline.inpaint_data import read_decode
+
+    ds = listing_stage(config, exclude=(config.output,), output_format=None)
+    ds = ds.map_batches(
+        read_decode,
+        batch_size=config.task_batch_size,
+        num_cpus=config.num_cpus_per_task,
+        fn_kwargs={"options": read_options(config)},
+    )
+    ds = inference_stage(ds, config, keep_images=True)
+    return ds.map_batches(
+        evaluate_batch, batch_size=config.task_batch_size, num_cpus=config.num_cpus_per_task
+    )
+
+
+class FirstKeys:
+    """The ``n`` smallest keys (with their URIs) among the ok rows seen: the grid's images."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.heap: list[tuple[_Reversed, str]] = []  # a max-heap of the n smallest
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        if not self.n:
+            return
+        for key, uri, status in zip(batch["input_key"], batch["input_uri"], batch["status"], strict=True):
+            if status != manifest_lib.STATUS_OK:
+                continue
+            item = (_Reversed(str(key)), str(uri))
+            if len(self.heap) < self.n:
+                heapq.heappush(self.heap, item)
+            elif str(key) < self.heap[0][0].key:
+                heapq.heapreplace(self.heap, item)
+
+    def entries(self) -> list[tuple[str, str]]:
+        return sorted((r.key, uri) for r, uri in self.heap)
+
+
+class _Reversed:
+    __slots__ = ("key",)
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __lt__(self, other: _Reversed) -> bool:
+        return self.key > other.key
+
+
+def grid_png(config: EvaluateConfig, entries: list[tuple[str, str]]) -> bytes:
+    """Redo the ``entries`` (key, URI) as the pipeline did them and draw the comparison grid (a task)."""
+    from pipeline.evaluation import grid_image, grid_row
+    from pipeline.inference import InpaintPredictor
+    from pipeline.inpaint_data import read_decode
+    from pipeline.writer import encode
+
+    keys = np.array([k for k, _ in entries], dtype=object)
+    rows = read_decode(
+        {"key": keys, "uri": np.array([u for _, u in entries], dtype=object)}, options=read_options(config)
+    )
+    # As Ray Data would hand them to the actor: string columns as arrays, pixels as lists.
+    batch = {
+        k: v if k in ("image", "mask") or isinstance(v, np.ndarray) else np.array(v, dtype=object)
+        for k, v in rows.items()
+    }
+    import ray
+
+    pool = actor_pool(config, ray.cluster_resources(), reachable_resources())
+    predictor = InpaintPredictor(**predictor_kwargs(config, pool, crash_hook=False, keep_images=True))
+    batch = predictor(batch)
+    rows = [
+        grid_row(batch["image"][i], batch["mask"][i], batch["completed"][i])
+        for i in range(len(keys))
+        if batch["status"][i] == manifest_lib.STATUS_OK
+    ]
+    if not rows:
+        raise RuntimeError(f"none of the grid's images could be completed again: {list(keys)}")
+    # Cells of the crop's size; with --crop 0, of the tallest image's height, at most 256 px.
+    height = config.crop or min(GRID_MAX_HEIGHT, max(row[0].shape[0] for row in rows))
+    return encode(grid_image(rows, height=height), "png")
+
+
+def run(config: EvaluateConfig) -> dict:
+    """Run the evaluation to the end; return the summary also written as ``_SUCCESS.json``."""
+    import ray
+
+    from pipeline.evaluation import EVALUATION_SCHEMA, TIMING_COLUMNS, SummaryAccumulator, summary_markdown
+
+    run_id = config.run_id or new_run_id()
+    if manifest_lib.run_exists(config.output, run_id, config.endpoint_url):
+        raise ValueError(f"run {run_id!r} already exists under {config.output!r}")
+    check_checkpoint(config)
+    print_config(config)
+    run_prefix = manifest_lib.run_prefix(config.output, run_id)
+    save_config(config, f"{run_prefix}/{manifest_lib.CONFIG_FILE}", config.endpoint_url)
+    if not ray.is_initialized():
+        ray.init()
+
+    started = time.time()
+    ds = build_dataset(config)
+    writer = manifest_lib.ManifestWriter(
+        config.output, run_id, config.manifest_rows_per_part, config.manifest_flush_s, config.endpoint_url
+    )
+    totals = SummaryAccumulator()
+    first = FirstKeys(config.grid_rows)
+    last_log = started
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        writer.add(manifest_lib.rows_to_table(batch, EVALUATION_SCHEMA))
+        totals.add(batch)
+        first.add(batch)
+        now = time.time()
+        if now - last_log >= config.log_every_s:
+            done = sum(totals.counts.values())
+            log.warning("evaluate %s: %d images %s", run_id, done, dict(totals.counts))
+            last_log = now
+    writer.flush()
+    scored_s = time.time() - started
+
+    fs, root = storage.filesystem(run_prefix, config.endpoint_url)
+    grid = grid_error = None
+    if first.heap:
+        # The grid is a picture of the rows, not a result: if it fails (an input gone since it was
+        # scored, storage down), the rows and the summary still stand and say why.
+        try:
+            pool = actor_pool(config, ray.cluster_resources(), reachable_resources())
+            task = ray.remote(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_retries=1)(grid_png)
+            data = ray.get(task.remote(config, first.entries()))
+            storage.with_retries(
+                lambda: storage.atomic_write_bytes(fs, storage.join_key(root, GRID_FILE), data)
+            )
+            grid = storage.join_key(run_prefix, GRID_FILE)
+        except Exception as e:
+            grid_error = f"{type(e).__name__}: {e}"[:2000]
+            log.warning("evaluate %s: no grid: %s", run_id, grid_error)
+
+    wall = time.time() - started
+    summary = {
+        "run_id": run_id,
+        **totals.summary(),
+        "wall_s": round(wall, 3),
+        "scoring_wall_s": round(scored_s, 3),
+        "images_per_s": round(sum(totals.counts.values()) / scored_s, 3) if scored_s > 0 else None,
+        "grid": grid,
+        "grid_error": grid_error,
+        "grid_keys": [k for k, _ in first.entries()],
+        "timing_columns": list(TIMING_COLUMNS),
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "rows": run_prefix,
+        "config": to_dict(config),
+    }
+    markdown = summary_markdown(summary).encode()
+    storage.with_retries(
+        lambda: storage.atomic_write_bytes(fs, storage.join_key(root, SUMMARY_MARKDOWN_FILE), markdown)
+    )
+    manifest_lib.write_summary(config.output, run_id, summary, config.endpoint_url)
+    print(summary_markdown(summary))
+    print(
+        f"evaluate {run_id}: {summary['images']} images {summary['counts']} in {wall:.1f}s; rows {run_prefix}"
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = parse_config(EvaluateConfig, argv, prog_name="python -m jobs.evaluate")
+    summary = run(config)
+    print(f"summary: {summary['counts']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Evaluation maths: per-image quality of a completion against the truth, and the classical
+inpainting baselines (OpenCV's Telea and Navier-Stokes) it is compared with.
+
+Everything takes the uint8 HxWx3 RGB images the jobs write and scores them in [0, 1] scale with
+the trainer's own metric functions (``model.losses``, as ``model.gan.evaluate`` uses them):
+
+- ``psnr``: whole-image PSNR in dB (``losses.psnr``: MSE over every pixel and channel), as the
+  trainer's ``val_psnr``;
+- ``psnr_hole``: the same over the hole pixels only (``losses.hole_mse``). Known pixels are
+  identical in every method's result, so per image ``psnr - psnr_hole = 10 log10(hole fraction)``
+  for every method and differences between methods are the same in both;
+- ``ssim``: whole-image SSIM (``losses.ssim``, 11 px Gaussian window), as ``val_ssim``;
+- ``hole_l1``: mean |output - truth| over the hole pixels, all channels (``losses.hole_l1``), as
+  ``val_hole_l1``.
+
+PSNR is capped at ``PSNR_CAP`` dB (an MSE of 1e-10, the clamp of ``losses.psnr``), so a perfect
+result scores 100 dB instead of infinity and means stay finite.
+
+Pure: torch, NumPy and OpenCV, no storage.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+
+from model.completion import images_to_tensor, masks_to_tensor
+from model.losses import hole_l1, hole_mse, psnr, ssim
+from model.postprocess import TELEA_RADIUS
+
+MSE_FLOOR = 1e-10  # losses.psnr's clamp
+PSNR_CAP = 10.0 * math.log10(1.0 / MSE_FLOOR)  # 100 dB
+METRICS = ("psnr", "psnr_hole", "ssim", "hole_l1")
+BASELINES = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
+
+
+def inpaint_baseline(
+    image: np.ndarray, mask: np.ndarray, method: str, radius: int = TELEA_RADIUS
+) -> np.ndarray:
+    """OpenCV's ``method`` (``telea`` or ``ns``) fill of ``mask``'s hole (1 = hole) in ``image``.
+
+    uint8 HxWx3 RGB in and out; the known pixels come back unchanged. ``radius`` defaults to the
+    post-processing's Telea radius (3).
+    """
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; choose one of {sorted(BASELINES)}")
+    hole = (np.asarray(mask) > 0).astype(np.uint8)
+    if not hole.any():
+        return np.array(image, copy=True)
+    # The hole's pixels must not leak into the fill: OpenCV reads only the known ones, but zero them
+    # anyway so a baseline never sees the truth.
+    masked = np.where(hole[..., None].astype(bool), 0, image).astype(np.uint8)
+    return cv2.inpaint(masked, hole * 255, radius, BASELINES[method])
+
+
+@torch.no_grad()
+def image_metrics(outputs: list[np.ndarray], truth: np.ndarray, mask: np.ndarray) -> list[dict[str, float]]:
+    """``METRICS`` of each uint8 HxWx3 result in ``outputs`` against ``truth`` over ``mask``'s hole.
+
+    One batch of ``len(outputs)`` through the loss functions (every method of one image at once).
+    An empty hole gives NaN for ``psnr_hole`` and ``hole_l1``.
+    """
+    x = images_to_tensor(np.stack(outputs))
+    n = x.shape[0]
+    y = images_to_tensor(truth).expand(n, -1, -1, -1)
+    m = masks_to_tensor(mask)
+    has_hole = bool(m.any())
+    rows = []
+    for i in range(n):
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        rows.append(
+            {
+                "psnr": float(psnr(xi, yi)[0]),
+                "psnr_hole": (
+                    10.0 * math.log10(1.0 / max(float(hole_mse(xi, yi, m)), MSE_FLOOR))
+                    if has_hole
+                    else math.nan
+                ),
+                "hole_l1": float(hole_l1(xi, yi, m)) if has_hole else math.nan,
+            }
+        )
+    for row, value in zip(rows, ssim(x, y).tolist(), strict=True):
+        row["ssim"] = float(value)
+    return [{name: row[name] for name in METRICS} for row in rows]
