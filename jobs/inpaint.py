@@ -38,6 +38,7 @@ import numpy as np
 
 from jobs.config import parse_config, print_config, save_config, to_dict
 from pipeline import manifest as manifest_lib
+from pipeline import metrics as live
 from pipeline import storage
 from pipeline.decode import DEFAULT_MAX_PIXELS
 
@@ -135,7 +136,7 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
     import ray
 
     from pipeline.inference import InpaintPredictor, crash_hook_from_env
-    from pipeline.inpaint_data import ReadOptions, list_images, read_decode
+    from pipeline.inpaint_data import ReadOptions, read_decode
     from pipeline.writer import WriteOptions, encode_write
 
     manifest = manifest_uri(config)
@@ -151,13 +152,14 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
     # but its one-CPU task waits, backpressured, for the whole run and starves a small cluster.)
     ds.context.target_max_block_size = config.task_batch_size * KEY_ROW_BYTES
     ds = ds.map_batches(
-        list_images,
+        live.list_images_counted,  # list_images, telling the run's progress board what it listed
         batch_size=1,
         num_cpus=min(0.25, task_cpus),  # it mostly waits on listing calls
         fn_kwargs={
             "endpoint_url": config.endpoint_url,
             "exclude": (config.output, manifest),
             "output_format": config.output_format,
+            "run_id": run_id,
         },
     )
     if config.limit is not None:
@@ -197,6 +199,7 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
         postprocess=config.postprocess,
         write_masks=config.write_masks,
         endpoint_url=config.endpoint_url,
+        run_id=run_id,
     )
     ds = ds.map_batches(
         encode_write,
@@ -235,6 +238,9 @@ def run(config: InpaintConfig) -> dict:
             manifest, config.endpoint_url
         )
         print(f"resuming: {ray.get(count_ref)} images already completed under {manifest}")
+    progress = live.InpaintProgress(
+        run_id, run_prefix, every_s=config.log_every_s, limit=config.limit, endpoint_url=config.endpoint_url
+    ).start()  # a progress line, _progress.json and the gauges every --log-every-s
     ds = build_dataset(config, run_id, index_ref)
 
     writer = manifest_lib.ManifestWriter(
@@ -244,24 +250,17 @@ def run(config: InpaintConfig) -> dict:
     error_types: Counter = Counter()
     stage_s: Counter = Counter()
     checkpoint_ids: set[str] = set()
-    last_log = started
     # Rows arrive only after their outputs are written (encode_write), so a part never says ok
     # for an object that is not there.
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in progress.follow(ds.iter_batches(batch_size=None, batch_format="numpy")):
         writer.add(manifest_lib.rows_to_table(batch))
         counts.update(batch["status"].tolist())
         error_types.update(t for t in batch["error_type"].tolist() if t)  # "" when none
         checkpoint_ids.update(c for c in set(batch["checkpoint_id"].tolist()) if c)
         for name in ("read_s", "decode_s", "inference_s", "write_s"):
             stage_s[name] += float(np.sum(batch[name]))
-        now = time.time()
-        if now - last_log >= config.log_every_s:
-            done = sum(counts.values())
-            log.warning(
-                "inpaint %s: %d images %s, %.1f images/s", run_id, done, dict(counts), done / (now - started)
-            )
-            last_log = now
     writer.flush()
+    progress.finish()
 
     wall = time.time() - started
     total = sum(counts.values())

@@ -47,6 +47,7 @@ from model.losses import (
     ssim,
 )
 from pipeline import storage, train_data
+from pipeline.metrics import TrainReporter
 
 # Test-only fault injection, read by the workers (propagated to them by ``run``): the worker of
 # rank 0 calls os._exit at the given step, once (the marker file records that it happened).
@@ -459,6 +460,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     keys_log: list[str] | None = [] if config.log_shard_keys else None
     batches = endless_batches(ray.train.get_dataset_shard("train"), per_worker_batch, keys_log)
     phase_ends = {config.tc, config.tc + config.td, config.t_train}
+    # Rank 0's live figures: Ray metrics and <run>/_progress.json (pipeline.metrics).
+    reporter = TrainReporter(config.run_name, run_uri, config.t_train, endpoint_url) if rank == 0 else None
 
     window_start, window_steps = time.perf_counter(), 0
     last: dict[str, float] = {}
@@ -539,6 +542,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
         if best_l1 < math.inf:
             metrics["best_val_hole_l1"] = best_l1
+        if reporter is not None:
+            reporter.report(metrics, world=world, final=done == config.t_train)
 
         if is_checkpoint:
             with tempfile.TemporaryDirectory() as directory:
