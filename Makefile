@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-fast test lint bench clean
+.PHONY: demo demo-fast test lint bench clean prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+# tests/test_metrics.py scrapes a real Prometheus (Debian's package): installed here when missing
+# (as root, with apt-get); without it `make test` stops with what to install.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else \
+	    echo "make: prometheus is missing; install it (sudo apt-get install -y prometheus) or run make as root" >&2; exit 1; \
+	  fi; }
+
+test: $(STAMP) lint prometheus
+	GLCIC_REQUIRE_PROMETHEUS=1 $(BIN)/python -m pytest -q
 
 # Minutes each on 2 CPUs; figures in bench_out/*.json, tables and machine in BENCHMARKS.md.
 bench: $(STAMP)

@@ -193,6 +193,7 @@ class LocalRayHead:
         self.temp_dir = tempfile.mkdtemp(prefix="glcic-ray-")  # short: Ray's socket paths are limited
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
+        self.metrics_port = free_port()  # Prometheus scrapes every metric of this node here
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self._session: int | None = None
 
@@ -208,7 +209,7 @@ class LocalRayHead:
             f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}", f"--num-gpus={self.num_gpus}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-            f"--temp-dir={self.temp_dir}",
+            f"--temp-dir={self.temp_dir}", f"--metrics-export-port={self.metrics_port}",
         ]  # fmt: skip
         log_path = os.path.join(self.temp_dir, "ray-start.log")
         with open(log_path, "ab") as log:

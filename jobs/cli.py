@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
 
 from jobs import config as job_config
+from jobs import monitor
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -449,20 +450,24 @@ def submit_or_run(
     endpoint_url: str | None,
     preflight: bool,
 ) -> None:
-    config = absolute_local_paths(spec, config)
+    config = monitor.with_run_id(spec.name, absolute_local_paths(spec, config))
     job_config.print_config(config, log=typer.echo)
     check_before_submit(spec, config, endpoint_url, reach_storage=preflight)
+    metadata = monitor.job_metadata(spec.name, config, endpoint_url, reach_storage=preflight)
     if local:
         run_local(spec, config, endpoint_url)
         return
     client = job_client(address)
     address = client.get_address()
+    runtime_env = runtime_env_for(working_dir, endpoint_url)
+    if preflight:  # a head whose Python cannot import the project fails here, as one line
+        monitor.probe_environment(client, spec.name, runtime_env, address)
     submission_id = _jobs_api(
         lambda: client.submit_job(
             entrypoint=entrypoint_for(spec, config),
             submission_id=job_id,
-            runtime_env=runtime_env_for(working_dir, endpoint_url),
-            metadata={"glcic_job": spec.name},
+            runtime_env=runtime_env,
+            metadata=metadata,
             entrypoint_num_cpus=entrypoint_num_cpus,
         ),
         job_id or "",
@@ -470,6 +475,8 @@ def submit_or_run(
     )
     typer.echo(f"submitted {spec.name} job {submission_id} to {address}")
     typer.echo(f"  dashboard: {dashboard_job_url(address, submission_id)}")
+    for line in monitor.describe(metadata):
+        typer.echo(line)
     if not wait:
         typer.echo(f"  follow:    glcic logs {submission_id} --follow --address {address}")
         return
@@ -571,7 +578,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 @app.command(epilog="Example: glcic status raysubmit_XYZ --address http://127.0.0.1:8265")
 def status(job_id: JobArgument, address: AddressOption = None) -> None:
-    """Show a job's status, times, entrypoint and Ray's message about it."""
+    """Show a job's status, times, entrypoint, Ray's message about it, and its live progress."""
+    from pipeline.storage import endpoint_url_from_env
+
     client = job_client(address)
     info = _jobs_api(lambda: client.get_job_info(job_id), job_id, client.get_address())
     rows = [
@@ -585,6 +594,7 @@ def status(job_id: JobArgument, address: AddressOption = None) -> None:
         # A failed job's message carries its last logs; the tail names the error, `logs` has the rest.
         ("message", _tail(_one_line(info.message or "-"), 300)),
         ("dashboard", dashboard_job_url(client.get_address(), job_id)),
+        *monitor.status_rows(info, endpoint_url_from_env()),  # name, run, manifest, live progress
     ]
     typer.echo(format_table(("field", "value"), rows))
 
@@ -639,7 +649,7 @@ def list_jobs(address: AddressOption = None) -> None:
     """List the jobs submitted to the cluster, oldest first."""
     client = job_client(address)
     jobs = _jobs_api(client.list_jobs, "", client.get_address())
-    jobs = sorted(jobs, key=lambda j: j.start_time or 0)
+    jobs = sorted((j for j in jobs if not monitor.is_probe(j)), key=lambda j: j.start_time or 0)
     rows = []
     for j in jobs:
         entrypoint = j.entrypoint if len(j.entrypoint) <= 70 else j.entrypoint[:67] + "..."

@@ -74,7 +74,7 @@ def build_dataset(config: EvaluateConfig):
     from pipeline.evaluation import evaluate_batch
     from pipeline.inpaint_data import read_decode
 
-    ds = listing_stage(config, exclude=(config.output,), output_format=None)
+    ds = listing_stage(config, exclude=(config.output,), output_format=None, run_id="")
     ds = ds.map_batches(
         read_decode,
         batch_size=config.task_batch_size,

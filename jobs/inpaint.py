@@ -37,6 +37,7 @@ import numpy as np
 
 from jobs.config import BatchInferenceConfig, InpaintConfig, parse_config, print_config, save_config, to_dict
 from pipeline import manifest as manifest_lib
+from pipeline import metrics as live
 from pipeline import storage
 
 log = logging.getLogger("glcic.inpaint")
@@ -135,11 +136,11 @@ def resume_index(manifest: str, endpoint_url: str | None) -> tuple[int, np.ndarr
     return len(digests), digests
 
 
-def listing_stage(config: BatchInferenceConfig, exclude: tuple[str, ...], output_format: str | None):
+def listing_stage(
+    config: BatchInferenceConfig, exclude: tuple[str, ...], output_format: str | None, run_id: str
+):
     """A dataset of ``{"key", "uri", "collides_with"}`` rows: every input under ``config.images``."""
     import ray
-
-    from pipeline.inpaint_data import list_images
 
     ds = ray.data.from_items([{"source": config.images}])
     # Blocks of about one task's worth of keys. Ray Data merges a task's output into blocks of up to
@@ -151,10 +152,15 @@ def listing_stage(config: BatchInferenceConfig, exclude: tuple[str, ...], output
     # but its one-CPU task waits, backpressured, for the whole run and starves a small cluster.)
     ds.context.target_max_block_size = config.task_batch_size * KEY_ROW_BYTES
     ds = ds.map_batches(
-        list_images,
+        live.list_images_counted,  # list_images, telling the run's progress board what it listed
         batch_size=1,
         num_cpus=min(0.25, config.num_cpus_per_task),  # it mostly waits on listing calls
-        fn_kwargs={"endpoint_url": config.endpoint_url, "exclude": exclude, "output_format": output_format},
+        fn_kwargs={
+            "endpoint_url": config.endpoint_url,
+            "exclude": exclude,
+            "output_format": output_format,
+            "run_id": run_id,
+        },
     )
     return ds.limit(config.limit) if config.limit is not None else ds
 
@@ -198,13 +204,16 @@ def inference_stage(ds, config: BatchInferenceConfig, crash_hook: bool = True, *
     )
 
 
-def build_dataset(config: InpaintConfig, index_ref):
+def build_dataset(config: InpaintConfig, run_id: str, index_ref):
     from pipeline.inpaint_data import ReadOptions, read_decode
     from pipeline.writer import WriteOptions, encode_write
 
     task_cpus = config.num_cpus_per_task
     ds = listing_stage(
-        config, exclude=(config.output, config.manifest_uri), output_format=config.output_format
+        config,
+        exclude=(config.output, config.manifest_uri),
+        output_format=config.output_format,
+        run_id=run_id,
     )
     read_options = ReadOptions(
         output=config.output,
@@ -227,6 +236,7 @@ def build_dataset(config: InpaintConfig, index_ref):
         postprocess=config.postprocess,
         write_masks=config.write_masks,
         endpoint_url=config.endpoint_url,
+        run_id=run_id,
     )
     ds = ds.map_batches(
         encode_write,
@@ -264,7 +274,10 @@ def run(config: InpaintConfig) -> dict:
             manifest, config.endpoint_url
         )
         print(f"resuming: {ray.get(count_ref)} images already completed under {manifest}")
-    ds = build_dataset(config, index_ref)
+    progress = live.InpaintProgress(
+        run_id, run_prefix, every_s=config.log_every_s, limit=config.limit, endpoint_url=config.endpoint_url
+    ).start()  # a progress line, _progress.json and the gauges every --log-every-s
+    ds = build_dataset(config, run_id, index_ref)
 
     writer = manifest_lib.ManifestWriter(
         manifest, run_id, config.manifest_rows_per_part, config.manifest_flush_s, config.endpoint_url
@@ -273,24 +286,17 @@ def run(config: InpaintConfig) -> dict:
     error_types: Counter = Counter()
     stage_s: Counter = Counter()
     checkpoint_ids: set[str] = set()
-    last_log = started
     # Rows arrive only after their outputs are written (encode_write), so a part never says ok
     # for an object that is not there.
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in progress.follow(ds.iter_batches(batch_size=None, batch_format="numpy")):
         writer.add(manifest_lib.rows_to_table(batch))
         counts.update(batch["status"].tolist())
         error_types.update(t for t in batch["error_type"].tolist() if t)  # "" when none
         checkpoint_ids.update(c for c in set(batch["checkpoint_id"].tolist()) if c)
         for name in ("read_s", "decode_s", "inference_s", "write_s"):
             stage_s[name] += float(np.sum(batch[name]))
-        now = time.time()
-        if now - last_log >= config.log_every_s:
-            done = sum(counts.values())
-            log.warning(
-                "inpaint %s: %d images %s, %.1f images/s", run_id, done, dict(counts), done / (now - started)
-            )
-            last_log = now
     writer.flush()
+    progress.finish()
 
     wall = time.time() - started
     total = sum(counts.values())

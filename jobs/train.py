@@ -40,6 +40,7 @@ from model.gan import evaluate, make_optimizer, progress_grid, sync_batchnorm, t
 from pipeline import faults, storage, train_data
 from pipeline.checkpoint import CONFIG_FILE, ModelConfig, load_checkpoint, save_checkpoint
 from pipeline.faults import KILL_AT_STEP_ENV, KILL_IN_UPLOAD_ENV
+from pipeline.metrics import TrainReporter
 
 
 def write_png(uri: str, rgb: np.ndarray, endpoint_url: str | None) -> None:
@@ -178,6 +179,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     keys_log: list[str] | None = [] if config.log_shard_keys else None
     batches = endless_batches(ray.train.get_dataset_shard("train"), per_worker_batch, keys_log)
     phase_ends = {config.tc, config.tc + config.td, config.t_train}
+    # Rank 0's live figures: Ray metrics and <run>/_progress.json (pipeline.metrics).
+    reporter = TrainReporter(config.run_name, run_uri, config.t_train, endpoint_url) if rank == 0 else None
 
     window_start, window_steps = time.perf_counter(), 0
     last: dict[str, float] = {}
@@ -234,6 +237,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
         if best_l1 < math.inf:
             metrics["best_val_hole_l1"] = best_l1
+        if reporter is not None:
+            reporter.report(metrics, world=world, final=done == config.t_train)
 
         if is_checkpoint:
             with tempfile.TemporaryDirectory() as directory:

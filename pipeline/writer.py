@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.manifest import STATUS_ERROR, STATUS_OK
+from pipeline.metrics import RowTally
 from pipeline.naming import mask_output_key_for
 
 JPEG_QUALITY = 95
@@ -52,6 +53,7 @@ class WriteOptions:
     postprocess: bool = True
     write_masks: bool = False
     endpoint_url: str | None = None
+    run_id: str = ""  # labels the live figures (pipeline.metrics)
 
 
 def _finish(completed: np.ndarray, mask: np.ndarray, postprocess: bool) -> np.ndarray:
@@ -75,10 +77,12 @@ def encode_write(batch: dict[str, np.ndarray], *, options: WriteOptions) -> dict
     mask_output_key = np.full(n, "", dtype=object)
     output_uri = np.full(n, "", dtype=object)
     write_s = np.zeros(n, dtype=np.float32)
+    tally = RowTally(options.run_id)  # counts each image as it is done, not when the task ends
     for i in range(n):
         if output_key[i] and status[i] != STATUS_ERROR:
             output_uri[i] = storage.full_uri(fs, storage.join_key(root, output_key[i]))
         if status[i] != STATUS_OK:
+            tally.row(batch, i, status[i], error_type[i])
             continue
         start = time.perf_counter()
         try:
@@ -101,6 +105,8 @@ def encode_write(batch: dict[str, np.ndarray], *, options: WriteOptions) -> dict
             error_message[i] = f"{type(e).__name__}: {e}"
             output_key[i] = output_uri[i] = mask_output_key[i] = ""
         write_s[i] = time.perf_counter() - start
+        tally.row(batch, i, status[i], error_type[i], float(write_s[i]))
+    tally.push()
     out = {k: v for k, v in batch.items() if k not in ("completed", "mask", "encoder", "blended")}
     out.update(
         status=status,
