@@ -38,9 +38,8 @@ def prometheus_binary():
 
 @pytest.fixture(scope="module")
 def head(s3_server, prometheus_binary):
-    from embedded.servers import LocalRayHead
-
     from embedded.prometheus import LocalPrometheus
+    from embedded.servers import LocalRayHead
 
     env = {**s3_server.env(), "RAY_metrics_report_interval_ms": "1000"}  # default 10 s
     with LocalRayHead(num_cpus=2, env=env) as ray_head:
