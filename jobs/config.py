@@ -447,6 +447,16 @@ def parse_config(cls: type[C], argv: list[str] | None = None, prog_name: str | N
     return result
 
 
+def run_main(cls: type[C], run: Callable[[C], dict], argv: list[str] | None, prog_name: str) -> int:
+    """A batch job's ``python -m`` entry point: flags -> config -> ``run`` -> its counts, exit 0."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    summary = run(parse_config(cls, argv, prog_name=prog_name))
+    print(f"summary: {summary['counts']}")
+    return 0
+
+
 def to_argv(config: Any) -> list[str]:
     """Flags that ``parse_config`` turns back into an equal config (defaults left out)."""
     argv: list[str] = []

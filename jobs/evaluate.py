@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from jobs.config import EvaluateConfig, parse_config, print_config, save_config, to_dict
+from jobs.config import EvaluateConfig, print_config, run_main, save_config, to_dict
 from jobs.inpaint import (
     actor_pool,
     check_checkpoint,
@@ -235,11 +235,7 @@ def run(config: EvaluateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = parse_config(EvaluateConfig, argv, prog_name="python -m jobs.evaluate")
-    summary = run(config)
-    print(f"summary: {summary['counts']}")
-    return 0
+    return run_main(EvaluateConfig, run, argv, prog_name="python -m jobs.evaluate")
 
 
 if __name__ == "__main__":

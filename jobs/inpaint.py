@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from jobs.config import BatchInferenceConfig, InpaintConfig, parse_config, print_config, save_config, to_dict
+from jobs.config import BatchInferenceConfig, InpaintConfig, print_config, run_main, save_config, to_dict
 from pipeline import manifest as manifest_lib
 from pipeline import metrics as live
 from pipeline import storage
@@ -325,11 +325,7 @@ def run(config: InpaintConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = parse_config(InpaintConfig, argv, prog_name="python -m jobs.inpaint")
-    summary = run(config)
-    print(f"summary: {summary['counts']}")
-    return 0
+    return run_main(InpaintConfig, run, argv, prog_name="python -m jobs.inpaint")
 
 
 if __name__ == "__main__":

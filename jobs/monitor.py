@@ -26,18 +26,20 @@ PROBE_TIMEOUT_S = 180.0  # the probe also sets up the runtime_env the job then r
 # Imported by the probe: what the job's driver and its tasks import (torch included).
 PROBE_MODULES = {
     "inpaint": ("jobs.inpaint", "pipeline.inference", "pipeline.writer", "pipeline.metrics"),
+    "evaluate": ("jobs.evaluate", "pipeline.inference", "pipeline.evaluation"),
     "train": ("jobs.train", "pipeline.metrics"),
 }
 
 
 def _checkpoint_id(uri: str, endpoint_url: str | None) -> str | None:
     """First 16 hex digits of the generator's sha256, as the job will record it (from config.json)."""
-    from jobs.cli import _quick_filesystem
+    from pipeline.checkpoint import CONFIG_FILE, GENERATOR_FILE, resolve
+    from pipeline.storage import filesystem, join_key
 
     try:
-        fs, path = _quick_filesystem(uri, endpoint_url)
-        document = json.loads(fs.cat_file(f"{path.rstrip('/')}/config.json"))
-        return document["files"]["generator.safetensors"]["sha256"][:16]
+        fs, path = filesystem(resolve(uri), endpoint_url, fail_fast=True)
+        document = json.loads(fs.cat_file(join_key(path, CONFIG_FILE)))
+        return document["files"][GENERATOR_FILE]["sha256"][:16]
     except Exception:  # noqa: BLE001  (the preflight has already said what is wrong, if anything)
         return None
 
@@ -59,10 +61,9 @@ def job_metadata(
 
     metadata = {"glcic_job": spec_name}
     if spec_name == "inpaint":
-        from jobs.inpaint import manifest_uri
         from pipeline.manifest import run_prefix
 
-        prefix = run_prefix(manifest_uri(config), config.run_id)
+        prefix = run_prefix(config.manifest_uri, config.run_id)
         metadata.update(
             job_name=f"inpaint {config.images} -> {config.output}",
             run_id=config.run_id,

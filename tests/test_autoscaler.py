@@ -91,7 +91,7 @@ def test_gpu_job_scales_gpu_workers_up_from_zero_runs_there_and_they_scale_down(
     head_id = next(node["node_id"] for node in fake_cluster.nodes() if node["is_head_node"])
 
     argv = ["--images", images, "--output", output, "--checkpoint", tiny_checkpoint, "--run-id", "autoscale",
-            "--num-gpus-per-actor", "1", "--device", "cpu", "--max-actors", "2", "--postprocess", "false",
+            "--num-gpus-per-actor", "1", "--device", "cpu", "--max-actors", "2", "--no-postprocess",
             "--batch-size", "2", "--task-batch-size", "2"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), **fake_cluster.driver_env()}
     started = time.monotonic()

@@ -85,7 +85,7 @@ def test_evaluate_config_shares_the_inference_flags_and_checks_its_protocol():
         8,
     )
     with pytest.raises(ValueError, match="--batch-size must be at least 1"):  # a shared check
-        EvaluateConfig(images="in", output="out", checkpoint="ckpt", batch_size=0)
+        EvaluateConfig(images="in", output="out", checkpoint="ckpt", batch_size=-1)
     with pytest.raises(ValueError, match="must fit in --crop"):
         EvaluateConfig(images="in", output="out", checkpoint="ckpt", crop=64)
     with pytest.raises(ValueError, match="hole_min <= hole_max"):

@@ -51,9 +51,9 @@ def head(s3_server, prometheus_binary):
 @pytest.fixture(scope="module")
 def inputs(s3_server, photo_paths):
     import torch
-    from model.checkpoint import ModelConfig, save_checkpoint
 
     from model.completion import CompletionNetwork
+    from pipeline.checkpoint import ModelConfig, save_checkpoint
 
     fs = s3_server.filesystem()
     root = "s3://test/metrics"
