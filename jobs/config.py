@@ -214,6 +214,12 @@ class BatchInferenceConfig:
     num_cpus_per_task: float = flag(
         "CPUs per read/decode and encode/write task; fractional so they never starve beside the actors", 0.5
     )
+    max_side: int = flag(
+        "complete a copy whose longer side is at most this many pixels, then upscale the hole only and "
+        "paste it into the full-resolution known pixels (the network sees ~300 px around a pixel, so "
+        "holes of large photos are completed better and far cheaper); 0: the full resolution",
+        1024,
+    )
     max_pixels: int = flag(
         "larger images are refused with an error row (decompression bombs, out-of-memory)", DEFAULT_MAX_PIXELS
     )
@@ -249,6 +255,8 @@ class BatchInferenceConfig:
         problems += _at_least_one(
             self, "task_batch_size", "manifest_rows_per_part", "max_pixels", "actor_tasks_in_flight"
         )
+        if self.max_side < 0:
+            problems.append("--max-side must be >= 0 (0: the full resolution)")
         if self.batch_size < 0:
             problems.append("--batch-size must be at least 1 (or 0: automatic)")
         if self.num_actors < 0 or self.num_cpus_per_actor < 0 or self.num_cpus_per_task <= 0:

@@ -174,6 +174,7 @@ def predictor_kwargs(config: BatchInferenceConfig, pool: ActorPool, crash_hook: 
         "device": config.device,
         "precision": config.precision,
         "channels_last": config.channels_last,
+        "max_side": config.max_side or None,
         "endpoint_url": config.endpoint_url,
         "num_threads": max(1, int(round(pool.num_cpus))),  # used when computing on the CPU
         **(crash_hook_from_env() if crash_hook else {}),

@@ -476,3 +476,31 @@ def test_postprocess_in_the_actor_matches_the_writers_and_lossy_formats(
             ).read_bytes()
             assert Image.open(io.BytesIO(data)).format == pil_name
             assert np.abs(decode_image(data)[~hole].astype(int) - image[~hole]).mean() < 4  # quality 95
+
+
+def test_large_images_are_completed_small_and_pasted_into_the_full_resolution(
+    ray_local, tmp_path, photos, checkpoint
+):
+    """--max-side: the network completes a copy whose longer side is max_side; only the hole is
+    upscaled and pasted, so every known pixel is the full-resolution original."""
+    from pipeline.inference import paste, shrink
+
+    image = crop(photos[0], 120, 160)
+    mask = np.zeros((120, 160), np.uint8)
+    mask[40:43, 50:110] = 1  # 3 px tall: it must survive a 4x reduction as a hole
+    small, small_mask = shrink(image, mask, 40)
+    assert small.shape == (30, 40, 3) and small_mask[10:11, 13:27].all() and small_mask.sum() < mask.sum()
+    assert shrink(image, mask, 160)[0] is image  # small enough: untouched
+    pasted = paste(image, mask, np.zeros_like(small))
+    assert np.array_equal(pasted[mask == 0], image[mask == 0]) and not pasted[mask == 1].any()
+
+    write_objects(str(tmp_path / "in"), {"big.png": encode(Image.fromarray(image), "PNG")})
+    for max_side, out in ((40, "small"), (0, "full")):
+        run(InpaintConfig(images=str(tmp_path / "in"), output=str(tmp_path / out), checkpoint=checkpoint,
+                          postprocess=False, max_side=max_side, mask_seed=1))  # fmt: skip
+    hole = generate_mask("rectangle", 120, 160, seed=1, key="big.png").astype(bool)
+    small_run, full_run = (decode_image((tmp_path / d / "big.png").read_bytes()) for d in ("small", "full"))
+    assert np.array_equal(small_run[~hole], image[~hole])
+    assert (
+        np.abs(small_run[hole].astype(int) - full_run[hole].astype(int)).mean() > 1
+    )  # a different, smaller view
