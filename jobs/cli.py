@@ -644,6 +644,77 @@ def stop(
         time.sleep(0.5)
 
 
+@app.command(
+    "manifest",
+    epilog="Example: glcic manifest s3://BUCKET/completed/_manifest --todo todo.txt --endpoint-url http://127.0.0.1:8333",
+)
+def manifest_report(
+    manifest: Annotated[
+        str, typer.Argument(help="the manifest prefix (default of a job: <output>/_manifest)")
+    ],
+    todo: Annotated[
+        str | None,
+        typer.Option(
+            help="write the URI of every input still to do (error rows only), one a line, to this file"
+        ),
+    ] = None,
+    errors: Annotated[int, typer.Option(help="error types to show, most frequent first")] = 20,
+    endpoint_url: Annotated[
+        str | None,
+        typer.Option(help="S3-compatible endpoint (default: GLCIC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)"),
+    ] = None,
+) -> None:
+    """The state of every input across the runs of a manifest: the runs, how many inputs are done and
+    still to do, and why the rest failed. Rerunning the job's command redoes exactly what is to do."""
+    from collections import Counter
+
+    from pipeline import manifest as manifest_lib
+    from pipeline.storage import endpoint_url_from_env
+
+    endpoint_url = endpoint_url or endpoint_url_from_env()
+    check_protocol("MANIFEST", manifest)
+    try:
+        runs = manifest_lib.run_summaries(manifest, endpoint_url)
+        states = manifest_lib.input_states(manifest, endpoint_url)
+    except Exception as e:
+        raise _storage_error("MANIFEST", manifest, e) from e
+    if not runs:
+        raise CliError(f"MANIFEST {manifest!r}: no run_id=... folders there", EXIT_USAGE)
+
+    rows = []
+    for run_id, summary in runs:
+        if summary is None:
+            rows.append((run_id, "no (killed or running)", "-", "-", "-", "-"))
+            continue
+        counts = summary.get("counts", {})
+        rows.append((
+            run_id, "yes", str(counts.get("ok", 0)), str(counts.get("error", 0)), str(counts.get("skipped", 0)),
+            f"{summary.get('wall_s', 0):.0f}",
+        ))  # fmt: skip
+    typer.echo(format_table(("RUN", "FINISHED", "OK", "ERROR", "SKIPPED", "WALL S"), rows))
+
+    status = states.column("status").to_pylist()
+    done, to_do = status.count("ok"), status.count("error")
+    typer.echo(
+        f"\ninputs with rows: {len(status)}; done (one ok row): {done}; still to do (errors only): {to_do}"
+    )
+    if to_do:
+        failed = [(t, m) for s, t, m in zip(status, states.column("error_type").to_pylist(),
+                                            states.column("error_message").to_pylist(), strict=True) if s == "error"]  # fmt: skip
+        by_type = Counter(t or "-" for t, _ in failed)
+        example = {}
+        for t, m in failed:
+            example.setdefault(t or "-", m or "")
+        table = [(t, str(n), _tail(_one_line(example[t]), 80)) for t, n in by_type.most_common(errors)]
+        typer.echo("\n" + format_table(("ERROR TYPE", "INPUTS", "EXAMPLE"), table))
+    if todo is not None:
+        uris = [
+            u for s, u in zip(status, states.column("input_uri").to_pylist(), strict=True) if s == "error"
+        ]
+        Path(todo).write_text("".join(f"{u}\n" for u in uris))
+        typer.echo(f"\nwrote {len(uris)} input URIs to {todo}")
+
+
 @app.command("list", epilog="Example: glcic list --address http://127.0.0.1:8265")
 def list_jobs(address: AddressOption = None) -> None:
     """List the jobs submitted to the cluster, oldest first."""

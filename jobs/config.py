@@ -239,7 +239,7 @@ class BatchInferenceConfig:
     run_id: str | None = flag(
         "this run's id (a fresh one by default; must not exist under the manifest yet)", None
     )
-    limit: int | None = flag("process at most this many listed images", None)
+    limit: int | None = flag("process at most this many listed images still to do", None)
     manifest_rows_per_part: int = flag("rows per manifest Parquet file", 4096)
     manifest_flush_s: float = flag("write a manifest part at least this often (seconds), full or not", 30.0)
     log_every_s: float = flag("seconds between progress lines in the job log", 10.0)

@@ -13,14 +13,16 @@ and the driver writes the manifest from the small result rows (``pipeline.manife
 Listing streams pages of keys from one task, so the driver never holds the key set; only the
 small per-image result rows (no pixels) come back to the driver, which counts them and writes
 them as manifest parts of ``--manifest-rows-per-part`` rows (or every ``--manifest-flush-s``).
-Every image ends as exactly one manifest row of this run (``pipeline/manifest.py``).
+Every image still to do ends as exactly one manifest row of this run (``pipeline/manifest.py``).
 
 Resuming (``--skip-existing true``, the default): a task reads every earlier run's manifest and
-builds a compact index of the keys already completed; read tasks consult it per image and write
-a ``skipped`` row instead of reading the image. Rerunning the same command after a crash or a
-partial run therefore completes exactly what is missing, and across all runs each image has
-exactly one ``ok`` row. ``--skip-existing false`` redoes everything (outputs are overwritten
-atomically).
+builds a compact index of the keys already completed (16 bytes each); the listing task drops those
+keys from its pages and counts them, so a completed input never reaches a read task, an actor, a
+writer or the manifest: a rerun of a finished job costs one listing pass, and its ``_SUCCESS.json``
+says how many it skipped (``counts.skipped``). Rerunning the same command after a crash or a
+partial run therefore completes exactly what is missing, and across all runs each input has
+exactly one ``ok`` row (or only ``error`` rows). ``--skip-existing false`` redoes everything
+(outputs are overwritten atomically).
 """
 
 from __future__ import annotations
@@ -137,9 +139,14 @@ def resume_index(manifest: str, endpoint_url: str | None) -> tuple[int, np.ndarr
 
 
 def listing_stage(
-    config: BatchInferenceConfig, exclude: tuple[str, ...], output_format: str | None, run_id: str
+    config: BatchInferenceConfig,
+    exclude: tuple[str, ...],
+    output_format: str | None,
+    run_id: str,
+    index_ref=None,
 ):
-    """A dataset of ``{"key", "uri", "collides_with"}`` rows: every input under ``config.images``."""
+    """A dataset of ``{"key", "uri", "collides_with"}`` rows: every input under ``config.images``
+    but those in the resume index ``index_ref`` (an ObjectRef, or None: list everything)."""
     import ray
 
     ds = ray.data.from_items([{"source": config.images}])
@@ -160,6 +167,8 @@ def listing_stage(
             "exclude": exclude,
             "output_format": output_format,
             "run_id": run_id,
+            # In a list, so Ray hands the task the reference and the task fetches the index itself.
+            "index_ref": [index_ref] if index_ref is not None else [],
         },
     )
     return ds.limit(config.limit) if config.limit is not None else ds
@@ -215,6 +224,7 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
         exclude=(config.output, config.manifest_uri),
         output_format=config.output_format,
         run_id=run_id,
+        index_ref=index_ref,
     )
     read_options = ReadOptions(
         output=config.output,
@@ -229,7 +239,7 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
         read_decode,
         batch_size=config.task_batch_size,
         num_cpus=task_cpus,
-        fn_kwargs={"options": read_options, "index_ref": [index_ref] if index_ref is not None else []},
+        fn_kwargs={"options": read_options},
     )
     ds = inference_stage(ds, config, postprocess=config.postprocess_on if config.postprocess else "none")
     write_options = WriteOptions(
@@ -297,7 +307,11 @@ def run(config: InpaintConfig) -> dict:
         for name in ("read_s", "decode_s", "inference_s", "write_s"):
             stage_s[name] += float(np.sum(batch[name]))
     writer.flush()
-    progress.finish()
+    final = progress.finish() or {}
+    # Inputs an earlier run completed are not rows of this run: the listing counted them.
+    counts[manifest_lib.STATUS_SKIPPED] = final.get("counts", {}).get(manifest_lib.STATUS_SKIPPED, 0)
+    if config.skip_existing and not final.get("listing_done"):
+        log.warning("the listing's count of completed inputs did not arrive: skipped is a lower bound")
 
     wall = time.time() - started
     total = sum(counts.values())
@@ -305,6 +319,7 @@ def run(config: InpaintConfig) -> dict:
         "run_id": run_id,
         "images": total,
         "counts": {status: counts.get(status, 0) for status in manifest_lib.STATUSES},
+        "skipped_counted": bool(final.get("listing_done")) or not config.skip_existing,
         "error_types": dict(error_types),
         "wall_s": round(wall, 3),
         "images_per_s": round(total / wall, 3) if wall > 0 else None,

@@ -2,11 +2,12 @@
 
 ``list_images`` runs as one streaming task per source (a prefix or a list file): it walks the
 prefix one folder at a time (or reads the list file line by line) and yields pages of keys, so
-neither the driver nor any task ever holds the whole key set. ``read_decode`` turns pages of keys
+neither the driver nor any task ever holds the whole key set; when resuming, ``drop_completed``
+takes the keys an earlier run completed out of each page there. ``read_decode`` turns pages of keys
 into rows ready for the network: RGB uint8 pixels, a hole mask (read from ``--masks`` or generated
 from the image key), and every manifest field known so far. Nothing here raises on bad input:
-each image ends as a row whose ``status`` is ``ok`` (ready), ``error`` (with a type and a
-message) or ``skipped`` (completed by an earlier run).
+each image ends as a row whose ``status`` is ``ok`` (ready) or ``error`` (with a type and a
+message).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import ray
 
 from pipeline import storage
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_mask
-from pipeline.manifest import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, contains
+from pipeline.manifest import STATUS_ERROR, STATUS_OK, contains
 from pipeline.naming import key_digest, key_digests, output_key_for
 from pipeline.train_data import scale_and_crop
 
@@ -148,6 +148,19 @@ def list_images(
             }
 
 
+def drop_completed(
+    page: dict[str, np.ndarray], index: np.ndarray | None
+) -> tuple[dict[str, np.ndarray], int]:
+    """Resuming: ``page`` without the keys in the resume index (completed by an earlier run), and
+    how many it dropped. Done in the listing so that a finished input costs one digest lookup and
+    never reaches a read task, an actor, a writer or the driver."""
+    if index is None or len(page["key"]) == 0:
+        return page, 0
+    keep = ~contains(index, key_digests([str(k) for k in page["key"]]))
+    dropped = int(len(keep) - keep.sum())
+    return ({name: values[keep] for name, values in page.items()} if dropped else page), dropped
+
+
 @dataclass(frozen=True)
 class ReadOptions:
     output: str
@@ -161,23 +174,6 @@ class ReadOptions:
     crop: int = 0  # > 0: shorter side resized to it, centre crop (train_data.scale_and_crop), masks too
     hole_range: tuple[int, int] | None = None  # rectangle hole sides, instead of the size-scaled default
     local_size: int | None = None  # ... inside a box of this side (both clipped to the image)
-
-
-# Per worker process: the resume index fetched once from the object store (zero-copy).
-_INDEX_CACHE: dict[str, np.ndarray] = {}
-
-
-def _resume_index(index_ref: list) -> np.ndarray | None:
-    """``index_ref`` is ``[ObjectRef]`` (a list so Ray does not resolve it for every task's args)."""
-    if not index_ref:
-        return None
-    ref = index_ref[0]
-    cached = _INDEX_CACHE.get(ref.hex())
-    if cached is None:
-        cached = ray.get(ref)
-        _INDEX_CACHE.clear()
-        _INDEX_CACHE[ref.hex()] = cached
-    return cached
 
 
 def _read(uri: str, endpoint_url: str | None) -> bytes:
@@ -236,16 +232,12 @@ def _generate_mask(key: str, height: int, width: int, options: ReadOptions) -> n
         raise RowError("mask_generation_failed", f"{type(e).__name__}: {e}") from None
 
 
-def read_decode(
-    batch: dict[str, np.ndarray], *, options: ReadOptions, index_ref: list | None = None
-) -> dict[str, list | np.ndarray]:
+def read_decode(batch: dict[str, np.ndarray], *, options: ReadOptions) -> dict[str, list | np.ndarray]:
     """ReadDecode stage: keys -> pixels, masks and manifest fields, one row per key, never raising."""
     keys = [str(k) for k in batch["key"]]
     uris = [str(u) for u in batch["uri"]]
     collides = [str(c) for c in batch.get("collides_with", [""] * len(keys))]
     n = len(keys)
-    index = _resume_index(index_ref or [])
-    done = contains(index, key_digests(keys)) if index is not None else np.zeros(n, dtype=bool)
 
     # In flight, "" and 0 stand for "none": a column that is all None in one block would get a
     # different Arrow type than in the next. The manifest turns them back into nulls.
@@ -278,10 +270,6 @@ def read_decode(
                     "output_collision",
                     f"its output name {out_key!r} is the key of another input, which keeps it; rename one",
                 )
-            if done[i]:
-                rows["status"][i] = STATUS_SKIPPED
-                rows["error_message"][i] = "completed by an earlier run (skip_existing)"
-                continue
             start = time.perf_counter()
             try:
                 data = _read(uris[i], options.endpoint_url)

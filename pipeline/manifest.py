@@ -17,6 +17,13 @@ object is fully written, so every ``ok`` row of every run, finished or crashed, 
 that exists: resuming skips exactly those images (``completed_key_digests``, the resume index),
 so with resuming on (the default) each completed image has exactly one ``ok`` row across all
 runs; ``--skip-existing false`` redoes images and gives them another.
+
+A run has rows only for the inputs it worked on: the ones an earlier run completed are dropped
+by the listing and counted in ``_SUCCESS.json`` (``counts.skipped``). So every input ever listed
+has, across runs, exactly one ``ok`` row, or only ``error`` rows (still to do), and the manifest
+grows with the work done, not with the number of reruns. ``input_states`` (``glcic manifest``)
+gives the latest state of every input. Manifests written before this rule may hold ``skipped``
+rows; every reader here ignores them.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ log = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
-STATUS_SKIPPED = "skipped"
+STATUS_SKIPPED = "skipped"  # a count in _SUCCESS.json: inputs an earlier run completed
 STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_SKIPPED)
 
 SUCCESS_FILE = "_SUCCESS.json"
@@ -57,13 +64,13 @@ MANIFEST_SCHEMA = pa.schema(
         ("mask_key", pa.string()),  # relative to --masks; null when generated
         ("mask_generator", pa.string()),  # "rectangle" / "freeform"; null when read from --masks
         ("mask_seed", pa.int64()),  # the run's seed; the mask is generate_mask(kind, h, w, seed, key)
-        ("output_key", pa.string()),  # relative to --output; null unless ok / skipped
+        ("output_key", pa.string()),  # relative to --output; null unless ok
         ("output_uri", pa.string()),
         ("mask_output_key", pa.string()),  # relative to --output, when --write-masks
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("hole_fraction", pa.float32()),
-        ("status", pa.string()),  # ok / error / skipped
+        ("status", pa.string()),  # ok / error (older manifests: also skipped)
         ("error_type", pa.string()),
         ("error_message", pa.string()),
         ("checkpoint_id", pa.string()),
@@ -255,3 +262,71 @@ def read_manifest(manifest: str, run_id: str | None = None, endpoint_url: str | 
     if not tables:
         return MANIFEST_SCHEMA.append(pa.field("run_id", pa.string())).empty_table()
     return pa.concat_tables(tables)
+
+
+STATE_SCHEMA = pa.schema(
+    [
+        ("input_key", pa.string()),
+        ("input_uri", pa.string()),
+        ("status", pa.string()),  # ok: some run completed it; error: every run that tried failed
+        ("run_id", pa.string()),  # the run of that row: the ok one, else the latest error's
+        ("output_uri", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("attempts", pa.int64()),  # rows of this input across runs
+    ]
+)
+
+
+def input_states(manifest: str, endpoint_url: str | None = None) -> pa.Table:
+    """The latest state of every input that has a row under ``manifest``, one row each, by key.
+
+    An input is ``ok`` if any run completed it (its ok row), else ``error`` with the latest run's
+    reason (run ids sort by start time; ``--run-id`` names sort as given). Reads six columns of
+    every part: about 150 bytes per row in memory, so for manifests of tens of millions of rows
+    run the DuckDB query in README.md ("The manifest") instead, which streams.
+    """
+    fs, root = storage.filesystem(manifest, endpoint_url)
+    columns = ["input_key", "input_uri", "status", "output_uri", "error_type", "error_message"]
+    tables = []
+    for path in _part_paths(fs, root):
+        data = storage.with_retries(lambda path=path: storage.read_bytes(fs, path))
+        table = pq.read_table(io.BytesIO(data), columns=columns)
+        table = table.filter(pa.compute.not_equal(table.column("status"), STATUS_SKIPPED))
+        run = posixpath.basename(posixpath.dirname(path)).split("=", 1)[1]
+        tables.append(table.append_column("run_id", pa.array([run] * len(table), pa.string())))
+    if not tables or not sum(len(t) for t in tables):
+        return STATE_SCHEMA.empty_table()
+    rows = pa.concat_tables(tables)
+    rows = rows.append_column("is_ok", pa.compute.equal(rows.column("status"), STATUS_OK).cast(pa.int8()))
+    rows = rows.sort_by([("input_key", "ascending"), ("is_ok", "descending"), ("run_id", "descending")])
+    keys = rows.column("input_key").to_numpy(zero_copy_only=False)
+    first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    attempts = np.diff(np.r_[first, len(keys)])
+    latest = rows.take(pa.array(first))
+    return pa.table(
+        {name: latest.column(name) for name in STATE_SCHEMA.names if name != "attempts"}
+        | {"attempts": pa.array(attempts, pa.int64())},
+        schema=STATE_SCHEMA,
+    )
+
+
+def run_summaries(manifest: str, endpoint_url: str | None = None) -> list[tuple[str, dict | None]]:
+    """``(run_id, _SUCCESS.json or None when the run did not finish)`` of every run, by run id."""
+    fs, root = storage.filesystem(manifest, endpoint_url)
+    fs.invalidate_cache()
+    try:
+        runs = sorted(fs.ls(root, detail=False))
+    except FileNotFoundError:
+        return []
+    found = []
+    for run in runs:
+        name = posixpath.basename(run.rstrip("/"))
+        if not name.startswith("run_id="):
+            continue
+        try:
+            summary = json.loads(storage.read_bytes(fs, storage.join_key(run, SUCCESS_FILE)))
+        except FileNotFoundError:
+            summary = None
+        found.append((name.split("=", 1)[1], summary))
+    return found

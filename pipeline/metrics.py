@@ -150,12 +150,14 @@ class ProgressBoard:
 
     def __init__(self):
         self.listed = 0
+        self.skipped = 0  # listed keys the resume index dropped (completed by an earlier run)
         self.listing_done = False
         self.counts: collections.Counter = collections.Counter()
         self.error_types: collections.Counter = collections.Counter()
 
-    def listing(self, listed: int, done: bool) -> None:
-        self.listed = max(self.listed, listed)  # cumulative per listing task: a retry starts over
+    def listing(self, listed: int, skipped: int, done: bool) -> None:
+        # cumulative per listing task: a retry starts over
+        self.listed, self.skipped = max(self.listed, listed), max(self.skipped, skipped)
         self.listing_done = self.listing_done or done
 
     def add(self, counts: dict[str, int], error_types: dict[str, int]) -> None:
@@ -165,6 +167,7 @@ class ProgressBoard:
     def snapshot(self) -> dict:
         return {
             "listed": self.listed,
+            "skipped": self.skipped,
             "listing_done": self.listing_done,
             "counts": dict(self.counts),
             "error_types": dict(self.error_types),
@@ -188,22 +191,37 @@ def _board(run_id: str):
     return _BOARDS[run_id]
 
 
-def list_images_counted(batch: dict[str, np.ndarray], *, run_id: str = "", **kwargs) -> Iterator[dict]:
-    """``pipeline.inpaint_data.list_images``, telling the run's board how many keys it listed."""
-    from pipeline.inpaint_data import list_images
+def list_images_counted(
+    batch: dict[str, np.ndarray], *, run_id: str = "", index_ref: list | tuple = (), **kwargs
+) -> Iterator[dict]:
+    """``pipeline.inpaint_data.list_images`` without the keys in the resume index (``index_ref``:
+    ``[ObjectRef]`` of ``manifest.completed_key_digests``, or empty), telling the run's board how
+    many keys it listed and how many of them it dropped as completed: the run's ``skipped`` count."""
+    from pipeline.inpaint_data import drop_completed, list_images
 
+    index = None
+    if index_ref:
+        import ray
+
+        index = ray.get(index_ref[0])
     board = _board(run_id)
-    listed = 0
+    listed = skipped = 0
     for page in list_images(batch, **kwargs):
         listed += len(page["key"])
+        page, dropped = drop_completed(page, index)
+        skipped += dropped
         if board is not None:
-            board.listing.remote(listed, False)
+            board.listing.remote(listed, skipped, False)
         metric_set = _safely("record the listing", metric, INPAINT_LISTED)
         if metric_set is not None:
             metric_set.set(listed, tags={"run_id": run_id or "-"})
-        yield page
+        if len(page["key"]):
+            yield page
     if board is not None:
-        board.listing.remote(listed, True)
+        # Waited for: the driver reads the skipped count from the board once the rows stop coming.
+        import ray
+
+        _safely("report the listing", ray.get, board.listing.remote(listed, skipped, True), timeout=60)
 
 
 class RowTally:
@@ -230,11 +248,10 @@ class RowTally:
             self.images.inc(1, tags={**tags, "status": status})
             if error_type:
                 self.errors.inc(1, tags={**tags, "error_type": error_type})
-            if status != "skipped":
-                for stage in STAGES:
-                    seconds = write_s if stage == "write_s" else float(batch[stage][i])
-                    if seconds > 0:
-                        self.stages.observe(seconds, tags={**tags, "stage": stage[:-2]})
+            for stage in STAGES:
+                seconds = write_s if stage == "write_s" else float(batch[stage][i])
+                if seconds > 0:
+                    self.stages.observe(seconds, tags={**tags, "stage": stage[:-2]})
         self.counts[status] += 1
         if error_type:
             self.error_types[error_type] += 1
@@ -318,13 +335,15 @@ class InpaintProgress:
             board = _safely("read the progress board", ray.get, self.board.snapshot.remote(), timeout=10)
         with self._lock:
             counts, error_types = dict(self.rows), dict(self.row_errors)
-        listed, listing_done = None, False
+        listed, listing_done, skipped = None, False, None
         if board is not None:
-            listed, listing_done = board["listed"], board["listing_done"]
+            listed, listing_done, skipped = board["listed"], board["listing_done"], board["skipped"]
             # The board counts images as they are written; the rows only once a whole task is done.
             if state == "running" and sum(board["counts"].values()) > sum(counts.values()):
                 counts, error_types = board["counts"], board["error_types"]
         counts = {s: int(counts.get(s, 0)) for s in STATUSES}
+        # Completed inputs never become rows: the listing drops them and counts them on the board.
+        counts["skipped"] = int(skipped or 0)
         done = sum(counts.values())
         processed = counts["ok"] + counts["error"]  # skipped images cost nothing: reported apart
         total = None

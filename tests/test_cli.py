@@ -348,3 +348,35 @@ def test_relative_local_paths_are_made_absolute_before_submitting(tmp_path, monk
     assert (config.images, config.output, config.storage_path) == (
         "/data/in", str(tmp_path / "model"), str(tmp_path / "model-runs"),
     )  # fmt: skip
+
+
+def test_manifest_report_over_s3(s3_server, tmp_path):
+    """`glcic manifest` reads a manifest on the S3 server (no cluster): runs, done and to-do inputs,
+    the error types, and the to-do URIs a user can act on."""
+    from pipeline import manifest as m
+    from tests.test_manifest import rows
+
+    manifest = "s3://test/cli/report/_manifest"
+    endpoint = s3_server.endpoint_url
+    first = m.rows_to_table(rows(["a.jpg", "b.jpg", "c.jpg"], ["ok", "error", "error"]))
+    m.write_part(manifest, "20260101T000000Z-aaaa", first, endpoint)
+    m.write_summary(manifest, "20260101T000000Z-aaaa", {"counts": {"ok": 1, "error": 2, "skipped": 0}, "wall_s": 3.0}, endpoint)  # fmt: skip
+    m.write_part(manifest, "20260102T000000Z-bbbb", m.rows_to_table(rows(["b.jpg"], ["ok"])), endpoint)
+
+    todo = tmp_path / "todo.txt"
+    result = glcic("manifest", manifest, "--todo", str(todo), "--endpoint-url", endpoint)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:6] == ["20260101T000000Z-aaaa", "yes", "1", "2", "0", "3"] for line in lines), (
+        lines
+    )
+    assert any(
+        line.startswith("20260102T000000Z-bbbb") and "no (killed or running)" in line for line in lines
+    )
+    assert "inputs with rows: 3; done (one ok row): 2; still to do (errors only): 1" in result.stdout
+    assert any(line.split()[:2] == ["not_an_image", "1"] for line in lines), lines
+    assert todo.read_text() == "s3://bucket/in/c.jpg\n"
+    assert CLIENT_SECRET not in result.stdout + result.stderr
+
+    missing = glcic("manifest", "s3://test/cli/nothing-here", "--endpoint-url", endpoint)
+    assert missing.returncode == 2 and "no run_id=... folders there" in one_error_line(missing)

@@ -33,7 +33,7 @@ from jobs.config import InpaintConfig, parse_config
 from jobs.inpaint import run
 from pipeline import storage
 from pipeline.decode import decode_image
-from pipeline.manifest import SUCCESS_FILE, read_manifest
+from pipeline.manifest import SUCCESS_FILE, read_manifest, run_summaries
 from tests.helpers import write_objects
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,13 +63,15 @@ def check_runs(
 
     ``inputs``: run id -> the input keys that run was given. Checked:
 
-    - each run has exactly one row per input key (none missing, none duplicated, none foreign);
+    - each run has at most one row per input key (none duplicated, none foreign), and every input
+      it has no row for was completed by another run (the listing skips those: none missing);
     - across runs, at most one ``ok`` row per key; with ``complete``, exactly one per input;
     - every ``ok`` row names an output under ``output`` that exists and decodes to its size, and no
       two ``ok`` rows name the same output (inputs map to outputs one to one);
-    - every ``error`` row has a type and a reason and names no output; every ``skipped`` row is
-      for a key some other run completed;
-    - a run with ``_SUCCESS.json`` counted exactly the rows its manifest holds;
+    - every row is ``ok`` or ``error``; every ``error`` row has a type and a reason and names no
+      output;
+    - a run with ``_SUCCESS.json`` counted exactly the rows its manifest holds, and as ``skipped``
+      exactly its inputs without a row;
     - no temporary file is left under ``output``, and with ``complete`` every object there is
       an ``ok`` row's output or belongs to the manifest (nothing partial or orphaned).
     """
@@ -81,35 +83,42 @@ def check_runs(
 
     counts = Counter()
     ok_by_key: dict[str, dict] = {}
+    without_row: dict[str, set[str]] = {}
     for run_id, keys in inputs.items():
         rows = [r for r in every_run if r["run_id"] == run_id]
         per_key = Counter(r["input_key"] for r in rows)
         counts["inputs"] += len(keys)
         counts["rows"] += len(rows)
-        counts["missing"] += len(keys - set(per_key))
         counts["duplicated"] += sum(n - 1 for n in per_key.values())
-        assert set(per_key) == keys, (run_id, sorted(keys - set(per_key)), sorted(set(per_key) - keys))
+        assert set(per_key) <= keys, (run_id, sorted(set(per_key) - keys))
         assert max(per_key.values(), default=1) == 1, (run_id, [k for k, n in per_key.items() if n > 1])
+        without_row[run_id] = keys - set(per_key)
         by_status = Counter(r["status"] for r in rows)
         counts.update(by_status)
         success = storage.join_key(man_root, f"run_id={run_id}/{SUCCESS_FILE}")
         if man_fs.exists(success):
             summary = json.loads(man_fs.cat_file(success))
-            assert summary["images"] == len(rows), (run_id, summary["counts"], dict(by_status))
-            assert {k: v for k, v in summary["counts"].items() if v} == dict(by_status)
+            skipped = summary["counts"]["skipped"]
+            assert summary["images"] == len(rows) + skipped, (run_id, summary["counts"], dict(by_status))
+            assert skipped == len(without_row[run_id]), (run_id, skipped, sorted(without_row[run_id]))
+            assert summary["skipped_counted"] is True, run_id
+            counts["skipped"] += skipped
+            assert {k: v for k, v in summary["counts"].items() if v and k != "skipped"} == dict(by_status)
         for r in rows:
+            assert r["status"] in ("ok", "error"), r
             if r["status"] == "ok":
                 assert r["input_key"] not in ok_by_key, f"two ok rows for {r['input_key']!r}"
                 ok_by_key[r["input_key"]] = r
-            elif r["status"] == "error":
+            else:
                 assert r["error_type"] and r["error_message"], r
                 assert r["output_key"] is None, r
-            else:
-                assert r["status"] == "skipped", r
 
     all_inputs = set().union(*inputs.values())
-    skipped = {r["input_key"] for r in every_run if r["status"] == "skipped"}
-    assert skipped <= set(ok_by_key), sorted(skipped - set(ok_by_key))
+    # An input a run has no row for is one that another run completed: nothing went missing.
+    for run_id, keys in without_row.items():
+        missing = {k for k in keys if k not in ok_by_key}
+        counts["missing"] += len(missing)
+        assert not missing, (run_id, sorted(missing))
     if complete:
         assert set(ok_by_key) == all_inputs, sorted(all_inputs - set(ok_by_key))
 
@@ -382,8 +391,12 @@ def test_s3_outage_mid_run_is_retried_and_a_rerun_completes(ray_local, tmp_path,
         rerun = run(parse_config(InpaintConfig, [*argv[3:], "--endpoint-url", endpoint]))
         assert rerun["counts"]["ok"] == first["error"], rerun["counts"]
         _fresh_fs(output, endpoint)
-        runs = {r["run_id"] for r in read_manifest(f"{output}/_manifest", endpoint_url=endpoint).to_pylist()}
-        assert len(runs) == 2
+        # The rerun has rows only for what the first run left undone (maybe none), and a _SUCCESS.json.
+        runs = {first_run, rerun["run_id"]}
+        assert [r for r, _ in run_summaries(f"{output}/_manifest", endpoint)] == sorted(runs)
+        assert {
+            r["run_id"] for r in read_manifest(f"{output}/_manifest", endpoint_url=endpoint).to_pylist()
+        } <= runs
         counts = check_runs(output, dict.fromkeys(runs, set(keys)), endpoint_url=endpoint)
         assert counts["ok"] == n and counts["skipped"] == n - first["error"], counts
         report(f"S3 {outage} {outage_s:.0f}s, after the rerun", counts)

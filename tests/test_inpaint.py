@@ -29,7 +29,7 @@ from model.masks import generate_mask
 from pipeline import storage
 from pipeline.checkpoint import ModelConfig, save_checkpoint
 from pipeline.decode import decode_image
-from pipeline.manifest import MANIFEST_COLUMNS, read_manifest
+from pipeline.manifest import MANIFEST_COLUMNS, input_states, read_manifest
 from tests.helpers import write_objects
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,16 +172,22 @@ def test_local_prefix_end_to_end_then_rerun_skips(ray_local, tmp_path, photos, c
     assert again["run_id"] != summary["run_id"]
     assert again["counts"] == {"ok": 0, "error": len(broken), "skipped": len(good)}
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
-    rerun_rows = {
-        r["input_key"]: r for r in read_manifest(f"{output}/_manifest", again["run_id"]).to_pylist()
-    }
-    assert sorted(rerun_rows) == sorted(rows)
-    assert all(
-        rerun_rows[k]["status"] == "skipped" and rerun_rows[k]["output_key"] == rows[k]["output_key"]
-        for k in good
-    )
+    # Completed inputs never reach the rerun's rows: only the ones it worked on (the errors).
+    rerun_rows = read_manifest(f"{output}/_manifest", again["run_id"]).to_pylist()
+    assert sorted(r["input_key"] for r in rerun_rows) == sorted(broken)
+    assert {r["status"] for r in rerun_rows} == {"error"}
     every_run = read_manifest(f"{output}/_manifest").to_pandas()
     assert every_run[every_run.status == "ok"].input_key.value_counts().max() == 1
+    # The latest state of every input across both runs: the good ones done, the broken ones to do.
+    states = {r["input_key"]: r for r in input_states(f"{output}/_manifest").to_pylist()}
+    assert sorted(states) == sorted(rows)
+    assert all(states[k]["status"] == "ok" and states[k]["run_id"] == summary["run_id"] for k in good)
+    assert all(
+        states[k]["status"] == "error"
+        and states[k]["run_id"] == again["run_id"]
+        and states[k]["attempts"] == 2
+        for k in broken
+    )
     assert not list(Path(output).rglob(".glcic-tmp-*"))
 
 

@@ -104,3 +104,53 @@ def test_summary_and_readers(tmp_path):
         f"select input_key, status, run_id from read_parquet('{manifest}/*/*.parquet', hive_partitioning=true) order by 1"
     ).fetchall()
     assert got == [("a.jpg", "ok", "r1"), ("b.jpg", "error", "r1")]
+
+
+def test_input_states_and_the_documented_duckdb_query_agree(tmp_path):
+    """Across runs an input is ok once any run completed it, else it keeps the latest run's error;
+    README's DuckDB query (the same rule, streaming) gives the same states."""
+    import duckdb
+
+    manifest = str(tmp_path / "manifest")
+    first = rows(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], ["ok", "error", "error", "error"])
+    m.write_part(manifest, "20260101T000000Z-aaaa", m.rows_to_table(first))
+    second = rows(["b.jpg", "c.jpg"], ["ok", "error"])
+    second["error_type"][1] = "read_failed"
+    m.write_part(manifest, "20260102T000000Z-bbbb", m.rows_to_table(second))
+    # An older manifest's skipped row (before resuming moved into the listing) is ignored.
+    m.write_part(manifest, "20260103T000000Z-cccc", m.rows_to_table(rows(["a.jpg"], ["skipped"])))
+
+    states = {r["input_key"]: r for r in m.input_states(manifest).to_pylist()}
+    assert sorted(states) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    assert (states["a.jpg"]["status"], states["a.jpg"]["run_id"], states["a.jpg"]["attempts"]) == (
+        "ok", "20260101T000000Z-aaaa", 1
+    )  # fmt: skip
+    assert (states["b.jpg"]["status"], states["b.jpg"]["run_id"], states["b.jpg"]["output_uri"]) == (
+        "ok", "20260102T000000Z-bbbb", "s3://bucket/out/b.jpg.png"
+    )  # fmt: skip
+    assert (states["c.jpg"]["status"], states["c.jpg"]["error_type"], states["c.jpg"]["attempts"]) == (
+        "error", "read_failed", 2
+    )  # fmt: skip
+    assert (states["d.jpg"]["status"], states["d.jpg"]["error_type"]) == ("error", "not_an_image")
+    assert m.input_states(str(tmp_path / "nothing")).num_rows == 0
+
+    rows_sql = f"read_parquet('{manifest}/*/*.parquet', hive_partitioning=true)"
+    latest = f"""
+        select input_key,
+               count(*) filter (status = 'ok') as ok_rows,
+               arg_max(status, (status = 'ok', run_id)) as status,
+               arg_max_null(error_type, (status = 'ok', run_id)) as error_type,
+               arg_max(input_uri, (status = 'ok', run_id)) as input_uri
+        from {rows_sql} where status in ('ok', 'error') group by input_key"""
+    got = {k: (s, e) for k, _, s, e, _ in duckdb.sql(latest).fetchall()}
+    assert got == {k: (r["status"], r["error_type"]) for k, r in states.items()}
+    assert got["a.jpg"] == ("ok", None) and got["c.jpg"] == ("error", "read_failed")
+    assert duckdb.sql(f"select count(*) from ({latest}) where ok_rows > 1").fetchall() == [(0,)]
+    todo = sorted(
+        u for (u,) in duckdb.sql(f"select input_uri from ({latest}) where status = 'error'").fetchall()
+    )
+    assert todo == ["s3://bucket/in/c.jpg", "s3://bucket/in/d.jpg"]
+
+    runs = m.run_summaries(manifest)
+    assert [r for r, _ in runs] == ["20260101T000000Z-aaaa", "20260102T000000Z-bbbb", "20260103T000000Z-cccc"]
+    assert all(summary is None for _, summary in runs)  # no _SUCCESS.json: none finished
