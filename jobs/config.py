@@ -96,11 +96,24 @@ class TrainConfig:
         16,
     )
     log_shard_keys: bool = flag("write the keys each worker read in its first epoch to <run>/shards/", False)
+    init_generator: str | None = flag(
+        "start the completion network from this exported checkpoint (an earlier segment's --output, or "
+        "'default'), with its mean pixel; the discriminator and the optimizers start fresh. Ignored when "
+        "the run resumes from its own checkpoints",
+        None,
+    )
+    start_step: int = flag(
+        "the step a fresh run starts at, so a segment that carries a generator forward (--init-generator) "
+        "continues the schedule: its phase, its masks and its step count",
+        0,
+    )
 
     def __post_init__(self):
         if self.storage_path is None:
             self.storage_path = self.output.rstrip("/") + "-runs"
         problems = []
+        if not 0 <= self.start_step < self.t_train:
+            problems.append(f"need 0 <= start_step ({self.start_step}) < t_train ({self.t_train})")
         if not 0 <= self.tc <= self.t_train or not 0 <= self.td or self.tc + self.td > self.t_train:
             problems.append(
                 f"need 0 <= tc ({self.tc}) and tc + td ({self.tc + self.td}) <= t_train ({self.t_train})"

@@ -161,6 +161,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         mean_pixel = tuple(loaded.config.mean_pixel)
         best_l1 = float(loaded.config.extra.get("best_val_hole_l1", math.inf))
         print(f"[rank {rank}] resumed from step {start_step} (phase {config.phase(start_step)})")
+    elif config.init_generator:
+        # A new segment of a longer schedule: only the completion network travels between segments
+        # (its fp16 export is small); the discriminator and the optimizer states start fresh.
+        loaded = load_checkpoint(config.init_generator, endpoint_url, device, training_state=False)
+        generator.load_state_dict(loaded.generator.state_dict())  # fp16 export -> the run's fp32
+        start_step = config.start_step  # the mean pixel is the checkpoint's (the driver passed it)
+        print(
+            f"[rank {rank}] generator from {config.init_generator} (its step {loaded.config.step}); "
+            f"starting at step {start_step} (phase {config.phase(start_step)})"
+        )
+    else:
+        start_step = config.start_step
 
     generator = ray.train.torch.prepare_model(generator, move_to_device=False)
     discriminator = ray.train.torch.prepare_model(discriminator, move_to_device=False)
@@ -352,11 +364,22 @@ def run(config: TrainConfig) -> str:
     save_config(config, config.output.rstrip("/") + ".train_config.json", endpoint_url)
 
     started = time.perf_counter()
-    mean_pixel = train_data.mean_pixel(train_uris, endpoint_url)
-    print(
-        f"mean pixel of the training set: {tuple(round(v, 4) for v in mean_pixel)} "
-        f"({time.perf_counter() - started:.1f} s)"
-    )
+    if config.init_generator:
+        # Checked here, before any worker starts: the generator keeps the mean it was trained with.
+        init = load_checkpoint(config.init_generator, endpoint_url, training_state=False)
+        if init.config.width != config.width:
+            raise ValueError(
+                f"--init-generator {config.init_generator!r} has width {init.config.width}, "
+                f"this run --width {config.width}"
+            )
+        mean_pixel = tuple(init.config.mean_pixel)
+        print(f"mean pixel of --init-generator: {tuple(round(v, 4) for v in mean_pixel)}")
+    else:
+        mean_pixel = train_data.mean_pixel(train_uris, endpoint_url)
+        print(
+            f"mean pixel of the training set: {tuple(round(v, 4) for v in mean_pixel)} "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
     val = None
     if val_uris:
         val = train_data.validation_arrays(

@@ -112,3 +112,41 @@ def test_killed_worker_resumes_from_the_last_complete_checkpoint(
         written = load_checkpoint(f"{run_uri}/checkpoint-{step:09d}")
         assert written.config.step == step and written.config.phase == 3
         assert written.config.extra["attempt_start_step"] == 8
+
+
+def test_a_segment_starts_from_a_carried_generator(ray_local, s3_photos, s3_prefix):
+    """--init-generator + --start-step: a new segment of a longer schedule starts from an earlier
+    segment's fp16 export (its weights and mean pixel) in the right phase, with a fresh discriminator."""
+    import torch
+
+    from model.completion import CompletionNetwork
+    from pipeline.checkpoint import ModelConfig, save_checkpoint
+
+    torch.manual_seed(1)
+    carried = CompletionNetwork(width=0.125)
+    carried_uri = f"{s3_prefix}/segment-1"
+    save_checkpoint(
+        carried_uri, ModelConfig(width=0.125, mean_pixel=(0.31, 0.52, 0.73), image_size=32, local_size=16, step=4),
+        carried, generator_dtype=torch.float16,
+    )  # fmt: skip
+    # lr_g 0: the generator must come out exactly as it went in (up to fp16), in phase 3 from step 4.
+    config = TrainConfig(
+        images=s3_photos, output=f"{s3_prefix}/segment-2", storage_path=f"{s3_prefix}/runs", run_name="seg2",
+        cpus_per_worker=1.0, data_cpus=0.5, tc=2, td=2, t_train=6, val_every=100, checkpoint_every=100,
+        min_epoch_steps=1, init_generator=carried_uri, start_step=4, **{**TINY, "lr_g": 0.0},
+    )  # fmt: skip
+    assert run(config) == config.output
+
+    generator, model_config, _ = load_generator(config.output)
+    assert model_config.step == 6 and model_config.phase == 3
+    assert model_config.mean_pixel == pytest.approx((0.31, 0.52, 0.73))  # the carried one, not the data's
+    for name, value in carried.state_dict().items():
+        if value.is_floating_point() and "running" not in name:
+            torch.testing.assert_close(generator.state_dict()[name], value.half().float(), msg=name)
+    # Only steps 4 and 5 ran, both in phase 3: the fresh discriminator was trained there.
+    last = load_checkpoint(f"{s3_prefix}/runs/seg2/checkpoint-000000006")
+    assert last.config.phase == 3 and last.discriminator_state is not None
+
+    wrong = TrainConfig(**{**config.__dict__, "width": 0.25, "run_name": "seg-wrong"})
+    with pytest.raises(ValueError, match="has width 0.125, this run --width 0.25"):
+        run(wrong)
