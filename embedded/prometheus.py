@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -20,6 +19,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+
+from embedded.servers import stop_process_group
 
 INSTALL_HINT = (
     "the 'prometheus' binary is missing: install Debian's package "
@@ -115,14 +116,7 @@ class LocalPrometheus:
 
     def stop(self) -> None:
         if self._proc is not None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGTERM)
-                self._proc.wait(timeout=15)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
+            stop_process_group(self._proc)
             self._proc = None
         shutil.rmtree(self.data_dir, ignore_errors=True)
 

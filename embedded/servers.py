@@ -34,6 +34,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, resume_first: bool = False) -> None:
+    """SIGTERM the process group a server was started in (``start_new_session``), SIGKILL it after
+    15 s; only that group, never anything else on the machine."""
+    try:
+        if resume_first:
+            os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def weed_binary() -> str:
     found = shutil.which("weed")
     if found:
@@ -139,15 +154,7 @@ class LocalS3Server:
     def stop(self) -> None:
         if self._proc is None:
             return
-        try:
-            os.killpg(self._proc.pid, signal.SIGCONT)
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            self._proc.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait()
+        stop_process_group(self._proc, resume_first=True)  # a test may have frozen it (SIGSTOP)
         self._proc = None
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)

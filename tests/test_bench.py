@@ -102,3 +102,20 @@ def test_stages_bench_reports_each_stage_cost(tmp_path):
     (per_stage,) = figures["results"].values()
     assert {"decode (JPEG in)", "post-process (OpenCV)", "encode PNG", "encode JPEG"} <= set(per_stage)
     assert all(positive(s["ms_per_image"]) for s in per_stage.values())
+
+
+@pytest.mark.timeout(300)
+def test_rerun_bench_reruns_with_no_rows_and_redoes_only_what_was_forgotten(tmp_path):
+    figures = run_bench("rerun.py", tmp_path)
+    n = figures["settings"]["images"]
+    assert figures["first"]["counts"] == {"ok": n, "error": 0, "skipped": 0}
+    assert (
+        figures["rerun"]["counts"] == {"ok": 0, "error": 0, "skipped": n}
+        and figures["rerun"]["rows_added"] == 0
+    )
+    kept = figures["half"]["kept_rows"]
+    assert 0 < kept < n
+    assert figures["half"]["counts"] == {"ok": n - kept, "error": 0, "skipped": kept}
+    assert figures["half"]["rows_added"] == n - kept
+    assert figures["manifest_bytes_after_rerun"] == figures["manifest_bytes_after_first"]
+    assert positive(figures["rerun_over_first"]) and positive(figures["half_over_first"])
