@@ -147,7 +147,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     opt_g = make_optimizer(config.optimizer, generator.parameters(), config.lr_g)
     opt_d = make_optimizer(config.optimizer, discriminator.parameters(), config.lr_d)
 
-    start_step, best_l1 = 0, math.inf
+    start_step, best_l1 = config.start_step, math.inf  # unless resumed from a run checkpoint
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -166,13 +166,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # (its fp16 export is small); the discriminator and the optimizer states start fresh.
         loaded = load_checkpoint(config.init_generator, endpoint_url, device, training_state=False)
         generator.load_state_dict(loaded.generator.state_dict())  # fp16 export -> the run's fp32
-        start_step = config.start_step  # the mean pixel is the checkpoint's (the driver passed it)
+        # The mean pixel is the checkpoint's: the driver read it and passed it in loop_config.
         print(
             f"[rank {rank}] generator from {config.init_generator} (its step {loaded.config.step}); "
             f"starting at step {start_step} (phase {config.phase(start_step)})"
         )
-    else:
-        start_step = config.start_step
 
     generator = ray.train.torch.prepare_model(generator, move_to_device=False)
     discriminator = ray.train.torch.prepare_model(discriminator, move_to_device=False)

@@ -181,7 +181,8 @@ class ManifestWriter:
         self.parts_written += 1
 
 
-def _part_paths(fs, root: str) -> list[str]:
+def _run_dirs(fs, root: str) -> list[str]:
+    """The ``run_id=<id>`` folders under ``root``, sorted."""
     # fsspec caches listings per filesystem instance, and instances are shared within a process:
     # a worker that listed this prefix during an earlier run would not see that run's parts.
     fs.invalidate_cache()
@@ -189,10 +190,22 @@ def _part_paths(fs, root: str) -> list[str]:
         runs = fs.ls(root, detail=False)
     except FileNotFoundError:
         return []
+    return sorted(r for r in runs if posixpath.basename(r.rstrip("/")).startswith("run_id="))
+
+
+def _run_id(run_dir: str) -> str:
+    """The id of a ``run_id=<id>`` folder."""
+    return posixpath.basename(run_dir.rstrip("/")).split("=", 1)[1]
+
+
+def _read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    data = storage.with_retries(lambda: storage.read_bytes(fs, path))
+    return pq.read_table(io.BytesIO(data), columns=columns)
+
+
+def _part_paths(fs, root: str) -> list[str]:
     parts = []
-    for run in sorted(runs):
-        if not posixpath.basename(run.rstrip("/")).startswith("run_id="):
-            continue
+    for run in _run_dirs(fs, root):
         try:
             names = fs.ls(run, detail=False)
         except FileNotFoundError:
@@ -221,8 +234,7 @@ def completed_key_digests(manifest: str, endpoint_url: str | None = None) -> np.
     chunks = [np.empty(0, dtype="S16")]
     for path in _part_paths(fs, root):
         try:
-            data = storage.with_retries(lambda path=path: storage.read_bytes(fs, path))
-            table = pq.read_table(io.BytesIO(data), columns=["input_key", "status"])
+            table = _read_part(fs, path, ["input_key", "status"])
         except (FileNotFoundError, OSError, pa.ArrowException) as e:
             log.warning("ignoring unreadable manifest part %s: %s", path, e)
             continue
@@ -253,12 +265,13 @@ def read_manifest(manifest: str, run_id: str | None = None, endpoint_url: str | 
     fs, root = storage.filesystem(manifest, endpoint_url)
     paths = _part_paths(fs, root)
     if run_id is not None:
-        paths = [p for p in paths if posixpath.basename(posixpath.dirname(p)) == f"run_id={run_id}"]
+        paths = [p for p in paths if _run_id(posixpath.dirname(p)) == run_id]
     tables = []
     for p in paths:
         table = pq.read_table(io.BytesIO(storage.read_bytes(fs, p)))
-        run = posixpath.basename(posixpath.dirname(p)).split("=", 1)[1]
-        tables.append(table.append_column("run_id", pa.array([run] * len(table), pa.string())))
+        tables.append(
+            table.append_column("run_id", pa.array([_run_id(posixpath.dirname(p))] * len(table), pa.string()))
+        )
     if not tables:
         return MANIFEST_SCHEMA.append(pa.field("run_id", pa.string())).empty_table()
     return pa.concat_tables(tables)
@@ -290,11 +303,13 @@ def input_states(manifest: str, endpoint_url: str | None = None) -> pa.Table:
     columns = ["input_key", "input_uri", "status", "output_uri", "error_type", "error_message"]
     tables = []
     for path in _part_paths(fs, root):
-        data = storage.with_retries(lambda path=path: storage.read_bytes(fs, path))
-        table = pq.read_table(io.BytesIO(data), columns=columns)
+        table = _read_part(fs, path, columns)
         table = table.filter(pa.compute.not_equal(table.column("status"), STATUS_SKIPPED))
-        run = posixpath.basename(posixpath.dirname(path)).split("=", 1)[1]
-        tables.append(table.append_column("run_id", pa.array([run] * len(table), pa.string())))
+        tables.append(
+            table.append_column(
+                "run_id", pa.array([_run_id(posixpath.dirname(path))] * len(table), pa.string())
+            )
+        )
     if not tables or not sum(len(t) for t in tables):
         return STATE_SCHEMA.empty_table()
     rows = pa.concat_tables(tables)
@@ -314,19 +329,11 @@ def input_states(manifest: str, endpoint_url: str | None = None) -> pa.Table:
 def run_summaries(manifest: str, endpoint_url: str | None = None) -> list[tuple[str, dict | None]]:
     """``(run_id, _SUCCESS.json or None when the run did not finish)`` of every run, by run id."""
     fs, root = storage.filesystem(manifest, endpoint_url)
-    fs.invalidate_cache()
-    try:
-        runs = sorted(fs.ls(root, detail=False))
-    except FileNotFoundError:
-        return []
     found = []
-    for run in runs:
-        name = posixpath.basename(run.rstrip("/"))
-        if not name.startswith("run_id="):
-            continue
+    for run in _run_dirs(fs, root):
         try:
             summary = json.loads(storage.read_bytes(fs, storage.join_key(run, SUCCESS_FILE)))
         except FileNotFoundError:
             summary = None
-        found.append((name.split("=", 1)[1], summary))
+        found.append((_run_id(run), summary))
     return found

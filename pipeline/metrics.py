@@ -197,13 +197,11 @@ def list_images_counted(
     """``pipeline.inpaint_data.list_images`` without the keys in the resume index (``index_ref``:
     ``[ObjectRef]`` of ``manifest.completed_key_digests``, or empty), telling the run's board how
     many keys it listed and how many of them it dropped as completed: the run's ``skipped`` count."""
+    import ray
+
     from pipeline.inpaint_data import drop_completed, list_images
 
-    index = None
-    if index_ref:
-        import ray
-
-        index = ray.get(index_ref[0])
+    index = ray.get(index_ref[0]) if index_ref else None
     board = _board(run_id)
     listed = skipped = 0
     for page in list_images(batch, **kwargs):
@@ -219,8 +217,6 @@ def list_images_counted(
             yield page
     if board is not None:
         # Waited for: the driver reads the skipped count from the board once the rows stop coming.
-        import ray
-
         _safely("report the listing", ray.get, board.listing.remote(listed, skipped, True), timeout=60)
 
 
