@@ -81,6 +81,11 @@ class TrainConfig:
     val_images: str | None = flag("URI prefix of validation images; default: hold out val_fraction", None)
     val_fraction: float = flag("fraction of images held out for validation when val_images is unset", 0.01)
     val_limit: int = flag("validation images evaluated (the first by key)", 16)
+    mean_pixel_images: int = flag(
+        "the mean pixel is that of this many training images, a fixed hash-chosen sample (stated in the "
+        "checkpoint), so its cost does not grow with the training set",
+        2048,
+    )
     val_every: int = flag("steps between validations (hole L1, PSNR, SSIM, PNG grid)", 1000)
     checkpoint_every: int = flag("steps between checkpoints (also at phase ends)", 1000)
     keep_checkpoints: int = flag("latest checkpoints kept in storage_path", 3)
@@ -139,6 +144,7 @@ class TrainConfig:
             "keep_checkpoints",
             "val_limit",
             "min_epoch_steps",
+            "mean_pixel_images",
         )
         _raise_if(self, problems)
 
@@ -254,7 +260,6 @@ class BatchInferenceConfig:
     )
     limit: int | None = flag("process at most this many listed images still to do", None)
     manifest_rows_per_part: int = flag("rows per manifest Parquet file", 4096)
-    manifest_flush_s: float = flag("write a manifest part at least this often (seconds), full or not", 30.0)
     log_every_s: float = flag("seconds between progress lines in the job log", 10.0)
 
     def __post_init__(self):

@@ -172,7 +172,7 @@ def run(config: EvaluateConfig) -> dict:
     started = time.time()
     ds = build_dataset(config)
     writer = manifest_lib.ManifestWriter(
-        config.output, run_id, config.manifest_rows_per_part, config.manifest_flush_s, config.endpoint_url
+        config.output, run_id, config.manifest_rows_per_part, endpoint_url=config.endpoint_url
     )
     totals = SummaryAccumulator()
     first = FirstKeys(config.grid_rows)

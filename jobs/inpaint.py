@@ -6,14 +6,13 @@
 The Ray Data pipeline, one operator per stage (each visible in the dashboard and in the progress
 bars with its rows/s)::
 
-    list_images -> read_decode -> InpaintPredictor (actor pool) -> encode_write
+    list_images -> read_decode -> InpaintPredictor (actor pool) -> encode_write -> ManifestSink
 
-and the driver writes the manifest from the small result rows (``pipeline.manifest.ManifestWriter``).
-
-Listing streams pages of keys from one task, so the driver never holds the key set; only the
-small per-image result rows (no pixels) come back to the driver, which counts them and writes
-them as manifest parts of ``--manifest-rows-per-part`` rows (or every ``--manifest-flush-s``).
-Every image still to do ends as exactly one manifest row of this run (``pipeline/manifest.py``).
+Listing streams pages of keys from one task, so the driver never holds the key set; the write
+tasks of ``ManifestSink`` (``pipeline/manifest_sink.py``) write the pixel-free result rows as
+manifest parts of ``--manifest-rows-per-part`` rows, and the driver receives only each part's
+counts: its memory does not grow with the number of images. Every image still to do ends as
+exactly one manifest row of this run (``pipeline/manifest.py``).
 
 Resuming (``--skip-existing true``, the default): a task reads every earlier run's manifest and
 builds a compact index of the keys already completed (16 bytes each); the listing task drops those
@@ -31,7 +30,6 @@ import logging
 import sys
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -262,6 +260,8 @@ def run(config: InpaintConfig) -> dict:
     """Run the job to the end; return the summary also written as ``_SUCCESS.json``."""
     import ray
 
+    from pipeline.manifest_sink import ManifestDatasink
+
     run_id = config.run_id or new_run_id()
     manifest = config.manifest_uri
     if manifest_lib.run_exists(manifest, run_id, config.endpoint_url):
@@ -290,24 +290,19 @@ def run(config: InpaintConfig) -> dict:
     ).start()  # a progress line, _progress.json and the gauges every --log-every-s
     ds = build_dataset(config, run_id, index_ref)
 
-    writer = manifest_lib.ManifestWriter(
-        manifest, run_id, config.manifest_rows_per_part, config.manifest_flush_s, config.endpoint_url
-    )
-    counts: Counter = Counter()
-    error_types: Counter = Counter()
-    stage_s: Counter = Counter()
-    checkpoint_ids: set[str] = set()
-    # Rows arrive only after their outputs are written (encode_write), so a part never says ok
-    # for an object that is not there.
-    for batch in progress.follow(ds.iter_batches(batch_size=None, batch_format="numpy")):
-        writer.add(manifest_lib.rows_to_table(batch))
-        counts.update(batch["status"].tolist())
-        error_types.update(t for t in batch["error_type"].tolist() if t)  # "" when none
-        checkpoint_ids.update(c for c in set(batch["checkpoint_id"].tolist()) if c)
-        for name in ("read_s", "decode_s", "inference_s", "write_s"):
-            stage_s[name] += float(np.sum(batch[name]))
-    writer.flush()
+    sink = ManifestDatasink(manifest, run_id, config.manifest_rows_per_part, config.endpoint_url)
+    try:
+        # Write tasks turn the rows into manifest parts where they are made and hand the driver
+        # only each part's counts. Rows reach them only after their outputs are written
+        # (encode_write), so a part never says ok for an object that is not there.
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": min(0.25, config.num_cpus_per_task)})
+    except BaseException:
+        progress.finish("failed")
+        raise
+    totals = sink.totals
+    progress.set_rows(totals.counts, totals.error_types)
     final = progress.finish() or {}
+    counts = totals.counts
     # Inputs an earlier run completed are not rows of this run: the listing counted them.
     counts[manifest_lib.STATUS_SKIPPED] = final.get("counts", {}).get(manifest_lib.STATUS_SKIPPED, 0)
     if config.skip_existing and not final.get("listing_done"):
@@ -320,12 +315,13 @@ def run(config: InpaintConfig) -> dict:
         "images": total,
         "counts": {status: counts.get(status, 0) for status in manifest_lib.STATUSES},
         "skipped_counted": bool(final.get("listing_done")) or not config.skip_existing,
-        "error_types": dict(error_types),
+        "error_types": dict(totals.error_types),
+        "manifest_parts": totals.parts,
         "wall_s": round(wall, 3),
         "images_per_s": round(total / wall, 3) if wall > 0 else None,
         "completed_per_s": round(counts.get(manifest_lib.STATUS_OK, 0) / wall, 3) if wall > 0 else None,
-        "stage_s": {k: round(v, 3) for k, v in stage_s.items()},
-        "checkpoint_ids": sorted(checkpoint_ids),
+        "stage_s": {k: round(v, 3) for k, v in totals.stage_s.items()},
+        "checkpoint_ids": sorted(totals.checkpoint_ids),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "manifest": run_prefix,

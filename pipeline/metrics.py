@@ -13,11 +13,11 @@ Two audiences, two channels:
   images/s, ETA) without needing Prometheus. Names starting with ``_`` are ignored by the
   manifest readers.
 
-The inpainting driver only sees rows once a whole write task is done, so live counts come from a
-small actor, the run's ``ProgressBoard``: the listing task tells it how many keys it listed, and
+The inpainting driver never sees rows (write tasks write the manifest and return counts), so live
+counts come from a small actor, the run's ``ProgressBoard``: the listing task tells it how many keys it listed, and
 write tasks push their per-image counts to it about once a second. The driver's ``InpaintProgress``
 reads it on its timer, logs a progress line, saves the progress file and sets the gauges. The
-counts in ``_SUCCESS.json`` still come from the rows themselves (a retried write task may count
+counts in ``_SUCCESS.json`` come from the manifest parts' own counts (a retried write task may count
 some images twice on the board; never in the manifest).
 """
 
@@ -279,7 +279,7 @@ class InpaintProgress:
         self.limit, self.endpoint_url = limit, endpoint_url
         self.uri = f"{run_prefix.rstrip('/')}/{PROGRESS_FILE}"
         self.started = time.time()
-        self.rows: collections.Counter = collections.Counter()  # from the rows the driver received
+        self.rows: collections.Counter = collections.Counter()  # the manifest parts' counts, at the end
         self.row_errors: collections.Counter = collections.Counter()
         self.samples: collections.deque = collections.deque()  # (time, ok + error)
         self.board = None
@@ -303,21 +303,11 @@ class InpaintProgress:
         self._thread.start()
         return self
 
-    def add_rows(self, batch: dict[str, np.ndarray]) -> None:
-        """Rows the driver received (what the manifest holds)."""
+    def set_rows(self, counts: dict[str, int], error_types: dict[str, int]) -> None:
+        """The counts of the rows the manifest holds (the parts' totals), for the final snapshot."""
         with self._lock:
-            self.rows.update(batch["status"].tolist())
-            self.row_errors.update(t for t in batch["error_type"].tolist() if t)
-
-    def follow(self, batches: Iterator[dict]) -> Iterator[dict]:
-        """The driver's batches, counted; a run that fails on the way is saved as ``failed``."""
-        try:
-            for batch in batches:
-                self.add_rows(batch)
-                yield batch
-        except BaseException:
-            _safely("save the failed state", self.finish, "failed")
-            raise
+            self.rows = collections.Counter(counts)
+            self.row_errors = collections.Counter(error_types)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):

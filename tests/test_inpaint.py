@@ -128,6 +128,12 @@ def test_local_prefix_end_to_end_then_rerun_skips(ray_local, tmp_path, photos, c
     summary = run(config)
 
     assert summary["counts"] == {"ok": len(good), "error": len(broken), "skipped": 0}
+    # Write tasks bundle rows into parts of at least --manifest-rows-per-part (the last one may be
+    # short), and the summary's counts are the parts' own.
+    parts = sorted(Path(output, "_manifest", f"run_id={summary['run_id']}").glob("part-*.parquet"))
+    sizes = sorted((pq.read_metadata(p).num_rows for p in parts), reverse=True)
+    assert summary["manifest_parts"] == len(parts) and sum(sizes) == len(good) + len(broken)
+    assert all(size >= 5 for size in sizes[:-1]) and len(parts) < len(good) + len(broken)
     table = read_manifest(f"{output}/_manifest", summary["run_id"])
     assert set(MANIFEST_COLUMNS) <= set(table.column_names)
     rows = {r["input_key"]: r for r in table.to_pylist()}
