@@ -23,7 +23,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_mask
 from pipeline.manifest import STATUS_ERROR, STATUS_OK, contains
-from pipeline.naming import key_digest, key_digests, output_key_for
+from pipeline.naming import key_digests, output_key_for
 from pipeline.train_data import scale_and_crop
 
 LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")
@@ -46,30 +46,48 @@ def _list_file_entry(list_dir_uri: str, line: str) -> tuple[str, str]:
 
 
 def _walk_prefix(fs, root: str, exclude: tuple[str, ...]) -> Iterator[list[str]]:
-    """Every object path under ``root``, one sorted list per folder."""
+    """Pages of object paths under ``root`` (``storage.iter_object_pages``; a file: itself)."""
     if fs.isfile(root):
         yield [root]
         return
-    for folder, dirs, files in fs.walk(root):
-        dirs[:] = sorted(
-            d for d in dirs if posixpath.join(folder, d) not in exclude and not d.startswith(".")
-        )
-        # hidden files and our own .glcic-tmp-* temporaries are skipped
-        yield [posixpath.join(folder, name) for name in sorted(files) if not name.startswith(".")]
+    yield from storage.iter_object_pages(fs, root, exclude)
 
 
-def _collision(key: str, is_input, output_format: str | None) -> str:
-    """The input key that ``key``'s output name would overwrite, or "".
-
-    ``cat.jpg`` is written as ``cat.jpg.png``; if ``cat.jpg.png`` is an input too, it keeps that
-    name (its output is itself) and ``cat.jpg`` becomes an ``output_collision`` error row, instead
-    of one completion silently replacing the other. Only the last segment's suffix changes, so
-    the two are always in the same folder.
-    """
+def _output_name(key: str, output_format: str | None) -> str:
+    """The key that ``key``'s output is written at, when that differs from ``key`` (it is then
+    always ``key`` plus a suffix), else ""."""
     if output_format is None:
         return ""
     out_key = output_key_for(key, output_format)[0]
-    return out_key if out_key != key and is_input(out_key) else ""
+    return out_key if out_key != key else ""
+
+
+def _with_collisions(entries: Iterator[tuple[str, str]], output_format: str | None):
+    """``(key, uri, collides_with)`` of sorted ``(key, uri)`` entries, holding only a few keys.
+
+    ``cat.jpg`` is written as ``cat.jpg.png``; if ``cat.jpg.png`` is an input too, it keeps that
+    name (its output is itself) and ``cat.jpg`` becomes an ``output_collision`` error row, instead
+    of one completion silently replacing the other. An output name is its key plus a suffix, so in
+    sorted order it comes after the key, with only keys that extend the key in between: a key is
+    held back only while the keys listed next extend it (a chain of a few keys at most). That
+    finds every collision without a set of all keys.
+    """
+    held: list[list[str]] = []  # [key, uri, output name, collides_with], each extending the one before
+    for key, uri in entries:
+        while held and not key.startswith(held[-1][0]):
+            k, u, _, c = held.pop()
+            yield k, u, c
+        for entry in held:
+            if entry[2] == key:
+                entry[3] = key
+        out_name = _output_name(key, output_format)
+        if out_name:
+            held.append([key, uri, out_name, ""])
+        else:
+            yield key, uri, ""
+    while held:
+        k, u, _, c = held.pop()
+        yield k, u, c
 
 
 def _printable(key: str) -> str:
@@ -103,24 +121,33 @@ def iter_entries(
                     if line and not line.startswith("#"):
                         yield _list_file_entry(list_dir, line)
 
-        # A first pass learns every listed key, so an output collision is found wherever in the
-        # file the other key is listed (the same 16-byte digests as for duplicates).
-        listed = {key_digest(key) for key, _ in listed_keys()} if output_format else set()
-        # A key listed twice is done once: later copies get an empty URI (a ``duplicate_key`` row).
-        # 16-byte digests keep this at about 100 bytes per listed key, in this task only.
-        seen: set[bytes] = set()
-        for key, uri in listed_keys():
-            digest = key_digest(key)
-            collides = _collision(key, lambda k: key_digest(k) in listed, output_format)
-            yield (key, "", collides) if digest in seen else (key, uri, collides)
-            seen.add(digest)
+        # A first pass takes every listed key's 16-byte digest (in a NumPy array: 41 bytes a key in
+        # all, in this task only), so a duplicate and an output collision are found wherever in the
+        # file the other key is listed.
+        chunks, chunk = [], []
+        for key, _ in listed_keys():
+            chunk.append(key)
+            if len(chunk) == 65536:
+                chunks.append(key_digests(chunk))
+                chunk = []
+        digests = np.concatenate([*chunks, key_digests(chunk)])
+        distinct, first_index = np.unique(digests, return_index=True)
+        first = np.zeros(len(digests), dtype=bool)
+        first[first_index] = True
+        del digests, first_index
+        for i, (key, uri) in enumerate(listed_keys()):
+            out_name = _output_name(key, output_format)
+            collides = out_name if out_name and contains(distinct, key_digests([out_name]))[0] else ""
+            # A key listed twice is done once: later copies get an empty URI (a ``duplicate_key`` row).
+            yield (key, uri, collides) if first[i] else (key, "", collides)
         return
     excluded = tuple(storage.filesystem(u, endpoint_url)[1] for u in exclude)
-    for paths in _walk_prefix(fs, root, excluded):
-        keys = [_printable(storage.relative_key(root, path)) for path in paths]
-        in_folder = set(keys)
-        for key, path in zip(keys, paths, strict=True):
-            yield key, storage.full_uri(fs, path), _collision(key, in_folder.__contains__, output_format)
+    keys = (
+        (_printable(storage.relative_key(root, path)), storage.full_uri(fs, path))
+        for paths in _walk_prefix(fs, root, excluded)
+        for path in paths
+    )
+    yield from _with_collisions(keys, output_format)
 
 
 def list_images(

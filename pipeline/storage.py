@@ -153,19 +153,112 @@ def relative_key(prefix: str, path: str) -> str:
     raise UnsafeKeyError(f"{path!r} is not under {prefix!r}")
 
 
-def iter_files(fs: fsspec.AbstractFileSystem, prefix: str) -> Iterator[str]:
-    """Yield the full path of every object under ``prefix``, sorted.
+LIST_PAGE_KEYS = 1000  # S3's own page size: one request per page, whatever the store
+# Sorts after every key under a prefix ending in "/": where a listing resumes to skip a subtree.
+_AFTER_SUBTREE = "\U0010ffff"
 
-    The whole listing is held (``fs.find`` returns it, then it is sorted): fine for a training set
-    or a manifest, not for an inference prefix of millions of keys, which
-    ``pipeline.inpaint_data.list_images`` walks folder by folder instead. Hidden files and our own
-    temporaries (``.glcic-tmp-*``) are skipped.
+
+def _skipped_subtree(rel: str, root: str, exclude: tuple[str, ...]) -> str | None:
+    """The subtree (a path relative to ``root``) that hides or excludes ``rel``, if any: a hidden
+    folder (``.name/``, as our ``.glcic-tmp-*`` temporaries), or an excluded prefix."""
+    parts = rel.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("."):
+            return "/".join(parts[: i + 1])
+    for prefix in exclude:
+        if prefix.startswith(root + "/"):
+            sub = prefix[len(root) + 1 :]
+            if rel.startswith(sub + "/"):
+                return sub
+    return None
+
+
+def _visible(rel: str, root: str, exclude: tuple[str, ...]) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return bool(name) and not name.startswith(".") and _skipped_subtree(rel, root, exclude) is None
+
+
+def _s3_pages(fs, root: str, exclude: tuple[str, ...]) -> Iterator[list[str]]:
+    """ListObjectsV2 page by page, straight from the client: s3fs's ``find``/``walk`` would keep
+    every listed key in its directory cache. Keys come in UTF-8 order; a page that ends inside an
+    excluded or hidden subtree resumes after that subtree instead of listing it."""
+    bucket, _, key_prefix = root.partition("/")
+    key_prefix = f"{key_prefix}/" if key_prefix else ""
+    request: dict = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": LIST_PAGE_KEYS}
+    while True:
+        reply = with_retries(lambda: fs.call_s3("list_objects_v2", **request))
+        keys = [item["Key"] for item in reply.get("Contents", ())]
+        page = []
+        for key in keys:
+            rel = key[len(key_prefix) :]
+            if _visible(rel, root, exclude):
+                page.append(f"{bucket}/{key}")
+        if page:
+            yield page
+        if not reply.get("IsTruncated"):
+            return
+        last = keys[-1][len(key_prefix) :] if keys else ""
+        subtree = _skipped_subtree(last, root, exclude) if last else None
+        request.pop("ContinuationToken", None)
+        request.pop("StartAfter", None)
+        if subtree is not None:
+            request["StartAfter"] = f"{key_prefix}{subtree}/{_AFTER_SUBTREE}"
+        else:
+            request["ContinuationToken"] = reply["NextContinuationToken"]
+
+
+def _local_pages(root: str, exclude: tuple[str, ...]) -> Iterator[list[str]]:
+    """``os.walk`` (names from ``scandir``, no ``stat`` per file), one sorted folder at a time."""
+    excluded = set(exclude)
+    page: list[str] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and posixpath.join(folder, d) not in excluded
+        )
+        for name in sorted(files):
+            if not name.startswith("."):
+                page.append(posixpath.join(folder, name))
+                if len(page) >= LIST_PAGE_KEYS:
+                    yield page
+                    page = []
+    if page:
+        yield page
+
+
+def iter_object_pages(
+    fs: fsspec.AbstractFileSystem, root: str, exclude: tuple[str, ...] = ()
+) -> Iterator[list[str]]:
+    """Pages of the full paths of every object under ``root``, holding one page at a time.
+
+    ``exclude``: paths (on ``fs``) whose subtrees are not listed. Hidden files and folders (names
+    starting with ``.``, e.g. our ``.glcic-tmp-*`` temporaries) are skipped. Order: keys sorted
+    within each folder, so a key's siblings that extend it (``cat.jpg`` -> ``cat.jpg.png``) come
+    after it with only keys that also extend it in between (what the listing's collision check
+    relies on). S3 and local folders stream without any cache; other filesystems are walked
+    with fsspec folder by folder, each folder's cache entry dropped once listed.
     """
-    for path in sorted(fs.find(prefix)):
-        name = posixpath.basename(path)
-        if name.startswith("."):
-            continue
-        yield path
+    exclude = tuple(e.rstrip("/") for e in exclude)
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if proto in ("s3", "s3a") and hasattr(fs, "call_s3"):
+        yield from _s3_pages(fs, root, exclude)
+        return
+    if proto in ("file", "local"):
+        yield from _local_pages(root, exclude)
+        return
+    for folder, dirs, files in fs.walk(root):
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and posixpath.join(folder, d) not in exclude
+        )
+        paths = [posixpath.join(folder, name) for name in sorted(files) if not name.startswith(".")]
+        fs.invalidate_cache(folder)
+        for start in range(0, len(paths), LIST_PAGE_KEYS):
+            yield paths[start : start + LIST_PAGE_KEYS]
+
+
+def iter_files(fs: fsspec.AbstractFileSystem, prefix: str) -> Iterator[str]:
+    """Every object path under ``prefix`` (``iter_object_pages``, one at a time)."""
+    for page in iter_object_pages(fs, prefix):
+        yield from page
 
 
 def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
