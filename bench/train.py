@@ -90,8 +90,11 @@ def measure_job(config) -> dict:
     from jobs.train import build_trainer
     from pipeline import train_data
 
-    uris = train_data.list_images(config.images)
-    dataset = train_data.training_dataset(uris, config.images, config.image_size, num_cpus=config.data_cpus)
+    images = len(train_data.list_images(config.images))
+    everything = train_data.Split(0.0, config.seed)  # no validation: every image trains
+    dataset = train_data.training_dataset(
+        config.images, everything, config.image_size, images=images, num_cpus=config.data_cpus
+    )
     trainer = build_trainer(config, dataset, MEAN_PIXEL, val=None, endpoint_url=None)
     wall, result = common.timed(trainer.fit)
     if result.error is not None:

@@ -118,6 +118,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config = TrainConfig(**loop_config["config"])
     endpoint_url = loop_config["endpoint_url"]
     mean_pixel = tuple(loop_config["mean_pixel"])
+    # Every checkpoint says what its mean pixel was computed from (a sample of how many images).
+    mean_from = {"mean_pixel_from": loop_config.get("mean_pixel_from") or {}}
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -159,6 +161,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_step = int(loaded.config.step)
         # The weights were trained against this mean; keep it even if the images changed since.
         mean_pixel = tuple(loaded.config.mean_pixel)
+        mean_from["mean_pixel_from"] = (
+            loaded.config.extra.get("mean_pixel_from") or mean_from["mean_pixel_from"]
+        )
         best_l1 = float(loaded.config.extra.get("best_val_hole_l1", math.inf))
         print(f"[rank {rank}] resumed from step {start_step} (phase {config.phase(start_step)})")
     elif config.init_generator:
@@ -241,7 +246,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 best_l1 = val_metrics["val_hole_l1"]
                 save_checkpoint(
                     storage.join_key(run_uri, "best"),
-                    model_config(config, mean_pixel, done, {"val": val_metrics}),
+                    model_config(config, mean_pixel, done, {**mean_from, "val": val_metrics}),
                     generator,
                     endpoint_url=endpoint_url,
                 )
@@ -260,7 +265,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             config,
                             mean_pixel,
                             done,
-                            {"best_val_hole_l1": best_l1, "attempt_start_step": start_step},
+                            {**mean_from, "best_val_hole_l1": best_l1, "attempt_start_step": start_step},
                         ),
                         generator,
                         discriminator,
@@ -285,7 +290,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         save_checkpoint(
             config.output,
-            model_config(config, mean_pixel, config.t_train, {}),
+            model_config(config, mean_pixel, config.t_train, mean_from),
             generator,
             endpoint_url=endpoint_url,
         )
@@ -307,7 +312,14 @@ def model_config(config: TrainConfig, mean_pixel, step: int, extra: dict) -> Mod
 # The driver.
 
 
-def build_trainer(config: TrainConfig, dataset, mean_pixel, val: dict | None, endpoint_url: str | None):
+def build_trainer(
+    config: TrainConfig,
+    dataset,
+    mean_pixel,
+    val: dict | None,
+    endpoint_url: str | None,
+    mean_from: dict | None = None,
+):
     """The ``TorchTrainer`` of ``train_loop_per_worker`` over ``dataset`` (what ``run`` and
     bench/train.py fit): scaling, run storage, failure handling and checkpoint retention from
     ``config``."""
@@ -322,6 +334,7 @@ def build_trainer(config: TrainConfig, dataset, mean_pixel, val: dict | None, en
             "config": dataclasses.asdict(config),
             "endpoint_url": endpoint_url,
             "mean_pixel": list(mean_pixel),
+            "mean_pixel_from": mean_from or {},  # stated in every checkpoint's config
             "val": val,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -350,14 +363,19 @@ def run(config: TrainConfig) -> str:
         ray.init()
     endpoint_url = config.endpoint_url or storage.endpoint_url_from_env()
 
-    uris = train_data.list_images(config.images, endpoint_url)
-    if config.val_images:
-        train_uris, val_uris = uris, train_data.list_images(config.val_images, endpoint_url)
-        val_root = config.val_images
-    else:
-        train_uris, val_uris = train_data.split_validation(uris, config.val_fraction, config.seed)
-        val_root = config.images
-    print(f"{len(train_uris)} training images, {len(val_uris)} validation images")
+    # One streaming pass over the listing, in a task: the driver gets counts and a few URIs.
+    survey = ray.get(
+        ray.remote(num_cpus=0.25)(train_data.survey).remote(
+            config.images,
+            fraction=config.val_fraction,
+            seed=config.seed,
+            val_limit=config.val_limit,
+            sample_size=config.mean_pixel_images,
+            val_source=config.val_images,
+            endpoint_url=endpoint_url,
+        )
+    )
+    print(f"{survey.train_count} training images, {survey.val_count} validation images")
     save_config(config, storage.join_key(config.run_uri(), "train_config.json"), endpoint_url)
     save_config(config, config.output.rstrip("/") + ".train_config.json", endpoint_url)
 
@@ -371,26 +389,33 @@ def run(config: TrainConfig) -> str:
                 f"this run --width {config.width}"
             )
         mean_pixel = tuple(init.config.mean_pixel)
+        mean_from = init.config.extra.get("mean_pixel_from", {"init_generator": config.init_generator})
         print(f"mean pixel of --init-generator: {tuple(round(v, 4) for v in mean_pixel)}")
     else:
-        mean_pixel = train_data.mean_pixel(train_uris, endpoint_url)
+        mean_pixel, sampled = train_data.mean_pixel(survey.sample_uris, endpoint_url)
+        mean_from = {"images": sampled, "of": survey.train_count, "sample": "lowest hash of ('mean', uri)"}
         print(
-            f"mean pixel of the training set: {tuple(round(v, 4) for v in mean_pixel)} "
-            f"({time.perf_counter() - started:.1f} s)"
+            f"mean pixel of {sampled} of the {survey.train_count} training images: "
+            f"{tuple(round(v, 4) for v in mean_pixel)} ({time.perf_counter() - started:.1f} s)"
         )
     val = None
-    if val_uris:
-        val = train_data.validation_arrays(
-            val_uris, val_root, config.image_size, endpoint_url, config.val_limit
-        )
+    if survey.val_uris:
+        val = train_data.validation_arrays(survey.val_keys, survey.val_uris, config.image_size, endpoint_url)
     # Every epoch restarts the Ray Data pipeline (a fraction of a second); on a handful of photos
     # that would cost more than the steps themselves.
-    copies = max(1, math.ceil(config.min_epoch_steps * config.batch_size / len(train_uris)))
+    copies = max(1, math.ceil(config.min_epoch_steps * config.batch_size / survey.train_count))
     dataset = train_data.training_dataset(
-        train_uris * copies, config.images, config.image_size, endpoint_url, num_cpus=config.data_cpus
+        config.images,
+        survey.split,
+        config.image_size,
+        images=survey.train_count,
+        copies=copies,
+        seed=config.seed,
+        endpoint_url=endpoint_url,
+        num_cpus=config.data_cpus,
     )
 
-    trainer = build_trainer(config, dataset, mean_pixel, val, endpoint_url)
+    trainer = build_trainer(config, dataset, mean_pixel, val, endpoint_url, mean_from)
     started = time.perf_counter()
     result = trainer.fit()
     print(f"training took {time.perf_counter() - started:.1f} s")

@@ -1,9 +1,11 @@
-"""Training data over Ray Data: listing, a train/validation split, random crops, seeded masks, and
-the dataset's mean pixel computed in a distributed pass.
+"""Training data over Ray Data: a streamed listing, a train/validation split, a distributed
+shuffle, random crops, seeded masks, and the mean pixel of a fixed-size sample.
 
-Rows of the training dataset are ``{"key": relative path, "image": uint8 (S, S, 3)}``. Ray Data
-decodes and crops in its own CPU tasks; the training workers only draw masks (a pure function of
-``(seed, key, step)``) and run the networks.
+Nothing holds the list of training images: ``survey`` streams the listing once (counts, the
+validation images, the mean's sample), and every epoch a listing task streams the keys again into
+Ray's ``random_shuffle``, whose blocks spread over the cluster, then read tasks decode and crop.
+Rows of the training dataset are ``{"key": relative path, "image": uint8 (S, S, 3)}``; the training
+workers only draw masks (a pure function of ``(seed, key, step)``) and run the networks.
 
 Crops follow the paper (Sec. 4): the image is rescaled so its shorter side is a random length in
 ``[S, 1.5 S]`` (256..384 for S = 256) and a random S x S patch is taken. Crops are fresh on every
@@ -12,8 +14,13 @@ pass over the data; masks are reproducible.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import heapq
+import itertools
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -34,16 +41,33 @@ class NoImagesError(ValueError):
     """The training (or validation) prefix holds no image files."""
 
 
-def list_images(prefix: str, endpoint_url: str | None = None) -> list[str]:
-    """URIs of every image file under ``prefix``, sorted; raises ``NoImagesError`` if none."""
-    fs, root = storage.filesystem(prefix, endpoint_url)
+def _score(seed, uri: str) -> float:
+    """A uniform number in [0, 1) from a hash of ``(seed, uri)``."""
+    digest = hashlib.sha256(f"{seed}\x00{uri}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def image_pages(source: str, endpoint_url: str | None = None) -> Iterator[tuple[list[str], list[str]]]:
+    """``(keys, URIs)`` of the image files under ``source`` (a prefix, or a list file of keys or
+    URIs), a page at a time: the inpainting job's streaming listing (``pipeline.inpaint_data``), so
+    no process ever holds the whole list. Keys are relative to the prefix (or as listed)."""
+    from pipeline.inpaint_data import iter_entries
+
+    fs, root = storage.filesystem(source, endpoint_url)
     if not fs.exists(root):
-        raise NoImagesError(f"{prefix}: no such prefix")
-    uris = [
-        storage.full_uri(fs, path)
-        for path in storage.iter_files(fs, root)
-        if path.lower().endswith(IMAGE_EXTENSIONS)
-    ]
+        raise NoImagesError(f"{source}: no such prefix")
+    entries = iter_entries(source, endpoint_url)
+    while page := list(itertools.islice(entries, storage.LIST_PAGE_KEYS)):
+        kept = [(k, u) for k, u, _ in page if u and k.lower().endswith(IMAGE_EXTENSIONS)]
+        if kept:
+            keys, uris = zip(*kept, strict=True)
+            yield list(keys), list(uris)
+
+
+def list_images(prefix: str, endpoint_url: str | None = None) -> list[str]:
+    """URIs of every image file under ``prefix``, sorted; raises ``NoImagesError`` if none. For
+    small sets (tests, tools); training itself streams the listing (``Survey``, ``training_dataset``)."""
+    uris = sorted(u for _, page in image_pages(prefix, endpoint_url) for u in page)
     if not uris:
         raise NoImagesError(f"{prefix}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return uris
@@ -54,25 +78,145 @@ def split_validation(uris: list[str], fraction: float, seed: int) -> tuple[list[
 
     An image is held out when a hash of ``(seed, uri)`` falls below ``fraction``: unlike a shuffle,
     adding images later never moves an old one across, so an extended run never trains on what it
-    validated on before. At least one image stays on each side when ``fraction`` > 0.
+    validated on before. At least one image stays on each side when ``fraction`` > 0. The list
+    version of what ``survey`` decides in one streaming pass.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    check_fraction(fraction)
     if fraction == 0.0:
         return list(uris), []
     if len(uris) < 2:
         raise NoImagesError(f"need at least 2 images to hold out a validation split, got {len(uris)}")
-
-    def score(uri: str) -> float:
-        digest = hashlib.sha256(f"{seed}\x00{uri}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") / 2**64
-
-    held_out = {u for u in uris if score(u) < fraction}
+    held_out = {u for u in uris if _score(seed, u) < fraction}
     if not held_out:
-        held_out = {min(uris, key=score)}
+        held_out = {min(uris, key=lambda u: _score(seed, u))}
     if len(held_out) == len(uris):
-        held_out.remove(max(uris, key=score))
+        held_out.remove(max(uris, key=lambda u: _score(seed, u)))
     return [u for u in uris if u not in held_out], [u for u in uris if u in held_out]
+
+
+def check_fraction(fraction: float) -> None:
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which listed images are for validation: the hash rule of ``split_validation``, plus the one
+    exception it makes so that neither side is empty."""
+
+    fraction: float
+    seed: int
+    force_val: str = ""  # no image fell below the fraction: this one (the lowest hash) is held out
+    force_train: str = ""  # every image did: this one (the highest hash) trains
+
+    def is_validation(self, uri: str) -> bool:
+        if uri == self.force_val:
+            return True
+        if uri == self.force_train:
+            return False
+        return self.fraction > 0 and _score(self.seed, uri) < self.fraction
+
+
+@dataclass(frozen=True)
+class Survey:
+    """One streaming pass over the training listing: counts, the split, the first validation
+    images by URI, and a fixed-size sample of training images for the mean pixel."""
+
+    train_count: int
+    val_count: int
+    split: Split
+    val_uris: list[str]  # the first ``val_limit`` validation images by URI, with their roots' keys
+    val_keys: list[str]
+    sample_uris: list[str]  # up to ``sample_size`` training images, the lowest hash of ("mean", uri)
+
+
+def survey(
+    source: str,
+    *,
+    fraction: float,
+    seed: int,
+    val_limit: int,
+    sample_size: int,
+    val_source: str | None = None,
+    endpoint_url: str | None = None,
+) -> Survey:
+    """Survey ``source`` (and ``val_source``, when validation images have their own prefix) in one
+    streaming pass each, holding only ``val_limit + sample_size`` URIs. Runs as a Ray task."""
+    check_fraction(fraction)
+    rule = Split(0.0 if val_source else fraction, seed)
+    n = held = 0
+    lowest, highest = (2.0, "", ""), (-1.0, "", "")  # (score, uri, key): the split's exceptions
+    first_val: list[tuple[_Reversed, str]] = []  # the smallest URIs held out, as a max-heap
+    sample: list[tuple[float, str]] = []  # the lowest ("mean", uri) hashes, as a max-heap
+
+    def keep_first(uri: str, key: str) -> None:
+        if len(first_val) < val_limit:
+            heapq.heappush(first_val, (_Reversed(uri), key))
+        elif val_limit and uri < first_val[0][0].value:
+            heapq.heapreplace(first_val, (_Reversed(uri), key))
+
+    def keep_sample(uri: str) -> None:
+        entry = (-_score("mean", uri), uri)
+        if len(sample) < sample_size:
+            heapq.heappush(sample, entry)
+        elif sample_size and entry > sample[0]:
+            heapq.heapreplace(sample, entry)
+
+    for keys, uris in image_pages(source, endpoint_url):
+        for key, uri in zip(keys, uris, strict=True):
+            n += 1
+            score = _score(seed, uri)
+            lowest, highest = min(lowest, (score, uri, key)), max(highest, (score, uri, key))
+            if rule.is_validation(uri):
+                held += 1
+                keep_first(uri, key)
+            else:
+                keep_sample(uri)
+    if not n:
+        raise NoImagesError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    if rule.fraction and n < 2:
+        raise NoImagesError(f"need at least 2 images to hold out a validation split, got {n}")
+    if rule.fraction and held == 0:  # as split_validation: the lowest hash is held out
+        rule = dataclasses.replace(rule, force_val=lowest[1])
+        keep_first(lowest[1], lowest[2])
+        sample = [e for e in sample if e[1] != lowest[1]]
+        held = 1
+    elif rule.fraction and held == n:  # ... and with all held out, the highest trains
+        rule = dataclasses.replace(rule, force_train=highest[1])
+        first_val = [e for e in first_val if e[0].value != highest[1]]
+        sample = [(-_score("mean", highest[1]), highest[1])]
+        held = n - 1
+    train_count = n - held
+    if val_source:
+        held = 0
+        for keys, uris in image_pages(val_source, endpoint_url):
+            for key, uri in zip(keys, uris, strict=True):
+                held += 1
+                keep_first(uri, key)
+    ordered = sorted((e[0].value, e[1]) for e in first_val)
+    return Survey(
+        train_count=train_count,
+        val_count=held,
+        split=rule,
+        val_uris=[u for u, _ in ordered],
+        val_keys=[k for _, k in ordered],
+        sample_uris=sorted(u for _, u in sample),
+    )
+
+
+class _Reversed:
+    """Orders strings backwards, so ``heapq`` (a min-heap) keeps the smallest ones."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __lt__(self, other: _Reversed) -> bool:
+        return self.value > other.value
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Reversed) and self.value == other.value
 
 
 def decode_or_none(data: bytes, key: str) -> np.ndarray | None:
@@ -106,67 +250,131 @@ def scale_and_crop(
     return np.ascontiguousarray(resized[y : y + size, x : x + size])
 
 
-def _keys(paths, root: str) -> list[str]:
-    return [storage.relative_key(root, str(p)) for p in paths]
+def read_images(batch: dict[str, np.ndarray], endpoint_url: str | None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, RGB image)`` of each ``{"key", "uri"}`` row; a file that is gone or undecodable is
+    skipped with a warning naming it."""
+    for key, uri in zip(batch["key"], batch["uri"], strict=True):
+        key, uri = str(key), str(uri)
+        fs, path = storage.filesystem(uri, endpoint_url)
+        try:
+            data = storage.with_retries(lambda fs=fs, path=path: storage.read_bytes(fs, path))
+        except FileNotFoundError:
+            logger.warning("skipping %s: no longer exists", key)
+            continue
+        image = decode_or_none(data, key)
+        if image is not None:
+            yield key, image
 
 
-def crop_images(batch: dict[str, np.ndarray], root: str, image_size: int, random: bool = True) -> dict:
-    """Ray Data ``map_batches`` function: raw bytes -> ``{"key", "image"}`` crops (undecodable files
-    dropped with a warning)."""
+def crop_images(
+    batch: dict[str, np.ndarray], *, image_size: int, random: bool = True, endpoint_url: str | None = None
+) -> dict:
+    """Ray Data ``map_batches`` function: ``{"key", "uri"}`` rows -> ``{"key", "image"}`` crops."""
     rng = np.random.default_rng() if random else None
     keys, crops = [], []
-    for key, data in zip(_keys(batch["path"], root), batch["bytes"], strict=True):
-        image = decode_or_none(data, key)
-        if image is None:
-            continue
+    for key, image in read_images(batch, endpoint_url):
         keys.append(key)
         crops.append(scale_and_crop(image, image_size, rng))
     images = np.stack(crops) if crops else np.zeros((0, image_size, image_size, 3), np.uint8)
     return {"key": np.array(keys, dtype=object), "image": images}
 
 
-def channel_sums(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One row per batch: its RGB sums and pixel count (float64: exact for any realistic size)."""
-    sums, pixels = np.zeros(3, np.float64), 0.0
-    for path, data in zip(batch["path"], batch["bytes"], strict=True):
-        image = decode_or_none(data, str(path))
-        if image is not None:
-            sums += image.reshape(-1, 3).sum(0, dtype=np.float64)
-            pixels += image.shape[0] * image.shape[1]
-    return {"sums": sums[None], "pixels": np.array([pixels])}
+def channel_sums(batch: dict[str, np.ndarray], *, endpoint_url: str | None = None) -> dict[str, np.ndarray]:
+    """One row per batch: its RGB sums, pixel count and images (float64: exact at any realistic size)."""
+    sums, pixels, images = np.zeros(3, np.float64), 0.0, 0
+    for _, image in read_images(batch, endpoint_url):
+        sums += image.reshape(-1, 3).sum(0, dtype=np.float64)
+        pixels += image.shape[0] * image.shape[1]
+        images += 1
+    return {"sums": sums[None], "pixels": np.array([pixels]), "images": np.array([images])}
 
 
-def read_bytes_dataset(uris: list[str], endpoint_url: str | None = None, num_cpus: float = 1.0):
-    """A Ray Dataset of ``{"bytes", "path"}`` for ``uris`` (all on one filesystem)."""
+def rows_dataset(keys: list[str], uris: list[str]):
+    """A small Ray Dataset of ``{"key", "uri"}`` rows (the validation images, the mean's sample)."""
     import ray.data
 
-    fs, _ = storage.pyarrow_filesystem(uris[0], endpoint_url)
-    paths = [storage.pyarrow_filesystem(u, endpoint_url)[1] for u in uris]
-    return ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, num_cpus=num_cpus)
+    return ray.data.from_items([{"key": k, "uri": u} for k, u in zip(keys, uris, strict=True)])
+
+
+def list_training_keys(
+    batch: dict[str, np.ndarray], *, split: Split, copies: int, page_rows: int, endpoint_url: str | None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data ``map_batches`` function: ``{"source"}`` -> pages of ``page_rows`` ``{"key", "uri"}``
+    rows of the training images (not the validation ones), the listing streamed ``copies`` times."""
+    keys: list[str] = []
+    uris: list[str] = []
+    for source in batch["source"]:
+        for _ in range(copies):
+            for page_keys, page_uris in image_pages(str(source), endpoint_url):
+                for key, uri in zip(page_keys, page_uris, strict=True):
+                    if not split.is_validation(uri):
+                        keys.append(key)
+                        uris.append(uri)
+                if len(keys) >= page_rows:
+                    yield {"key": np.array(keys, dtype=object), "uri": np.array(uris, dtype=object)}
+                    keys, uris = [], []
+    if keys:
+        yield {"key": np.array(keys, dtype=object), "uri": np.array(uris, dtype=object)}
+
+
+KEY_ROW_BYTES = 256  # a listed row (key + URI), for sizing blocks of keys
+SHUFFLE_BLOCKS = 256  # blocks of keys per epoch: the shuffle's width (an all-to-all of this squared)
 
 
 def training_dataset(
-    uris: list[str], root: str, image_size: int, endpoint_url: str | None = None, num_cpus: float = 1.0
+    source: str,
+    split: Split,
+    image_size: int,
+    *,
+    images: int,
+    copies: int = 1,
+    seed: int = 0,
+    endpoint_url: str | None = None,
+    num_cpus: float = 1.0,
 ):
-    """Random ``image_size`` crops of ``uris``, keyed by their path relative to ``root``."""
-    root_path = storage.pyarrow_filesystem(root, endpoint_url)[1]
-    return read_bytes_dataset(uris, endpoint_url, num_cpus).map_batches(
+    """Random ``image_size`` crops of the training images under ``source``, in a fresh order each
+    epoch: a listing task streams the keys (``copies`` times over, for tiny sets) in about
+    ``SHUFFLE_BLOCKS`` blocks, Ray's distributed ``random_shuffle`` mixes them across the cluster
+    (no machine holds the whole list), and read tasks decode and crop. ``images``: the survey's
+    count of training images, to size the blocks."""
+    import ray.data
+
+    keys_per_block = max(16, -(-images * copies // SHUFFLE_BLOCKS))
+    ds = ray.data.from_items([{"source": source}])
+    # One block per page of keys: Ray Data would otherwise merge a task's small rows into blocks
+    # of up to 128 MiB, and a block is what one read task decodes.
+    ds.context.target_max_block_size = keys_per_block * KEY_ROW_BYTES
+    ds = ds.map_batches(
+        list_training_keys,
+        batch_size=1,
+        num_cpus=0.25,  # it mostly waits on listing calls
+        fn_kwargs={
+            "split": split,
+            "copies": copies,
+            "page_rows": keys_per_block,
+            "endpoint_url": endpoint_url,
+        },
+    )
+    # Fractional CPUs: with Ray's default of one, the shuffle's tasks wait forever on a machine
+    # whose training workers hold all but a fraction of its CPUs. Seeded, and reseeded by Ray on
+    # each execution: every epoch a different order, the same for the same seed.
+    return ds.random_shuffle(seed=seed, num_cpus=min(0.25, num_cpus)).map_batches(
         crop_images,
-        fn_kwargs={"root": root_path, "image_size": image_size, "random": True},
+        fn_kwargs={"image_size": image_size, "random": True, "endpoint_url": endpoint_url},
         batch_size=16,
         num_cpus=num_cpus,
     )
 
 
 def validation_arrays(
-    uris: list[str], root: str, image_size: int, endpoint_url: str | None = None, limit: int | None = None
+    keys: list[str], uris: list[str], image_size: int, endpoint_url: str | None = None
 ) -> dict[str, np.ndarray]:
-    """Centre crops of the first ``limit`` of ``uris`` as ``{"key", "image"}`` arrays, by key."""
-    uris = sorted(uris)[:limit]
-    root_path = storage.pyarrow_filesystem(root, endpoint_url)[1]
+    """Centre crops of the validation images as ``{"key", "image"}`` arrays, by key."""
     rows = (
-        read_bytes_dataset(uris, endpoint_url)
-        .map_batches(crop_images, fn_kwargs={"root": root_path, "image_size": image_size, "random": False})
+        rows_dataset(keys, uris)
+        .map_batches(
+            crop_images, fn_kwargs={"image_size": image_size, "random": False, "endpoint_url": endpoint_url}
+        )
         .take_all()
     )
     rows.sort(key=lambda r: r["key"])
@@ -178,15 +386,20 @@ def validation_arrays(
     }
 
 
-def mean_pixel(uris: list[str], endpoint_url: str | None = None) -> tuple[float, float, float]:
-    """The mean RGB pixel of ``uris`` in [0, 1]: Ray Data tasks decode and sum their share of the
-    images across the cluster; the driver only adds one row per batch."""
-    rows = read_bytes_dataset(uris, endpoint_url).map_batches(channel_sums, batch_size=16).take_all()
+def mean_pixel(uris: list[str], endpoint_url: str | None = None) -> tuple[tuple[float, float, float], int]:
+    """The mean RGB pixel of ``uris`` in [0, 1] (``Survey.sample_uris``: a fixed-size sample, so
+    the cost does not grow with the training set) and how many images it is the mean of. Ray Data
+    tasks decode and sum their share; the driver only adds one row per batch."""
+    rows = (
+        rows_dataset(uris, uris)
+        .map_batches(channel_sums, batch_size=16, fn_kwargs={"endpoint_url": endpoint_url})
+        .take_all()
+    )
     pixels = sum(float(r["pixels"]) for r in rows)
     if not pixels:
         raise NoImagesError("no decodable training images to compute the mean pixel from")
     sums = np.sum([r["sums"] for r in rows], axis=0) / (pixels * 255.0)
-    return (float(sums[0]), float(sums[1]), float(sums[2]))
+    return (float(sums[0]), float(sums[1]), float(sums[2])), int(sum(int(r["images"]) for r in rows))
 
 
 def batch_masks(

@@ -55,10 +55,58 @@ def test_mean_pixel_matches_a_direct_computation_and_skips_bad_files(
     uris = train_data.list_images(str(tmp_path))
     assert len(uris) == 4
     expected = np.concatenate([p.reshape(-1, 3) for p in photos[:3]]).astype(np.float64).mean(0) / 255
-    assert np.allclose(train_data.mean_pixel(uris), expected, atol=1e-6)
-    val = train_data.validation_arrays(uris, str(tmp_path), 32)
+    mean, images = train_data.mean_pixel(uris)
+    assert np.allclose(mean, expected, atol=1e-6) and images == 3
+    keys = [u.rsplit("/", 1)[1] for u in uris]
+    val = train_data.validation_arrays(keys, uris, 32)
     assert list(val["key"]) == sorted(p.name for p in photo_paths[:3])  # the broken file is dropped
     assert val["image"].shape == (3, 32, 32, 3)
+
+
+@pytest.mark.parametrize("count,fraction", [(300, 0.1), (2, 0.01), (3, 0.99)])
+def test_survey_streams_the_same_split_as_the_list_version(tmp_path, count, fraction):
+    """One streaming pass holding val_limit + sample_size URIs decides what split_validation
+    decides on the whole list (the exceptions that keep both sides non-empty included)."""
+    for i in range(count):
+        folder = tmp_path / f"d{i % 7}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{i:04d}.jpg").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_bytes(b"not an image")
+    uris = train_data.list_images(str(tmp_path))
+    train, val = train_data.split_validation(uris, fraction, seed=5)
+
+    survey = train_data.survey(str(tmp_path), fraction=fraction, seed=5, val_limit=4, sample_size=10)
+
+    assert (survey.train_count, survey.val_count) == (len(train), len(val))
+    assert [u for u in uris if survey.split.is_validation(u)] == val
+    assert survey.val_uris == sorted(val)[:4]
+    assert survey.val_keys == [u[len(str(tmp_path)) + 1 :] for u in survey.val_uris]
+    # The mean's sample: the training images with the lowest hash, the same however they are listed.
+    assert len(survey.sample_uris) == min(10, len(train)) and set(survey.sample_uris) <= set(train)
+    expected = sorted(sorted(train, key=lambda u: train_data._score("mean", u))[:10])
+    assert survey.sample_uris == expected
+
+
+def test_training_keys_are_every_training_image_once_per_copy(ray_local, tmp_path):
+    """The epoch's keys (listed in a task, shuffled by Ray across blocks) are the training images,
+    each exactly once per copy, in an order that changes between epochs."""
+    for i in range(120):
+        (tmp_path / f"{i:03d}.png").write_bytes(b"x")
+    survey = train_data.survey(str(tmp_path), fraction=0.1, seed=1, val_limit=2, sample_size=4)
+    import ray.data
+
+    ds = ray.data.from_items([{"source": str(tmp_path)}]).map_batches(
+        train_data.list_training_keys,
+        batch_size=1,
+        fn_kwargs={"split": survey.split, "copies": 2, "page_rows": 16, "endpoint_url": None},
+    )
+    shuffled = ds.random_shuffle()
+    first = [r["key"] for r in shuffled.take_all()]
+    second = [r["key"] for r in shuffled.take_all()]
+    expected = sorted(2 * [f"{i:03d}.png" for i in range(120) if not survey.split.is_validation(
+        str(tmp_path / f"{i:03d}.png"))])  # fmt: skip
+    assert sorted(first) == sorted(second) == expected and len(expected) == 2 * survey.train_count
+    assert first != sorted(first) and first != second
 
 
 def test_listing_an_empty_prefix_is_a_clear_error(tmp_path):
