@@ -184,6 +184,9 @@ class PeakRSS:
         self.system_peak_sum = 0
         self.tree_peak_sum = 0
         self.hwm: dict[int, tuple[str, int]] = {}
+        # Ray names a worker process after the task it runs (``ray::MapBatches(list_images...)``):
+        # the largest RSS seen under each name is the memory of that stage's processes.
+        self.title_peak: dict[str, int] = {}
         self.samples = 0
         self.started = time.monotonic()
         self.timeline: list[tuple[float, int, int, int]] = []
@@ -251,6 +254,8 @@ class PeakRSS:
             if kind == "worker":
                 workers += rss
                 self.worker_peak = max(self.worker_peak, rss)
+                title = cmd.split(" ")[0]
+                self.title_peak[title] = max(self.title_peak.get(title, 0), rss)
             elif kind == "ray":
                 system += rss
             previous = self.hwm.get(pid, ("", 0))[1]
@@ -287,6 +292,11 @@ class PeakRSS:
             "all_processes_peak_rss_sum_mib": round(self.tree_peak_sum / mib, 1),
             "rss_samples": self.samples,
         }
+
+    def task_peak_mib(self, *names: str) -> float:
+        """The largest RSS sampled in a worker while its title named one of ``names`` (0: never seen)."""
+        peaks = [v for title, v in self.title_peak.items() if any(n in title for n in names)]
+        return round(max(peaks, default=0) / 2**20, 1)
 
     def timeline_mib(self, points: int = 60) -> list[dict]:
         """About ``points`` evenly spaced samples: whether memory grows with the work done."""

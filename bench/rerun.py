@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
                 images=str(images), output=str(output), manifest=str(manifest), checkpoint=checkpoint,
                 postprocess=False, num_actors=1, log_every_s=60.0,
                 manifest_rows_per_part=max(1, args.images // 10),  # parts to forget half of
+                # blocks of at most a part's rows: the write tasks bundle whole blocks into parts
+                task_batch_size=min(64, max(1, args.images // 20)),
             )  # fmt: skip
 
         manifest = output / "_manifest"

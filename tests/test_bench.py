@@ -78,6 +78,11 @@ def test_memory_bench_completes_every_image_and_reports_peak_rss(tmp_path):
     # The driver's peak is at least what it holds right after importing torch and Ray.
     assert run["driver_peak_rss_mib"] > 50
     assert run["timeline"], "RSS was sampled during the run"
+    # The rerun of the finished job skipped every input and wrote nothing; the stages were seen.
+    assert run["rerun_counts"] == {"ok": 0, "error": 0, "skipped": 300} and run["rerun_wall_s"] > 0
+    assert positive(run["listing_peak_rss_mib"]) and run["manifest_parts"] >= 1
+    listing = figures["s3_listing"]
+    assert listing["keys"] == 2500 and listing["requests"] == 3 and listing["dircache_entries"] == 0
 
 
 def test_cli_startup_bench_times_help_beside_the_bare_interpreter(tmp_path):
