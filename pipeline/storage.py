@@ -255,12 +255,6 @@ def iter_object_pages(
             yield paths[start : start + LIST_PAGE_KEYS]
 
 
-def iter_files(fs: fsspec.AbstractFileSystem, prefix: str) -> Iterator[str]:
-    """Every object path under ``prefix`` (``iter_object_pages``, one at a time)."""
-    for page in iter_object_pages(fs, prefix):
-        yield from page
-
-
 def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Make ``path`` appear whole or not at all.
 
