@@ -42,7 +42,10 @@ def flag(help: str, default: Any = dataclasses.MISSING) -> Any:
 class TrainConfig:
     """Train the completion network and context discriminator (Iizuka et al. 2017) on Ray Train."""
 
-    images: str = flag("URI prefix of the training images (s3://, gs://, local)")
+    images: str = flag(
+        "the training images: a URI prefix (s3://, gs://, local) or a list file (.txt/.lst, one key or URI "
+        "a line), listed a page at a time"
+    )
     output: str = flag("URI of the exported final completion-network checkpoint (what jobs.inpaint loads)")
     storage_path: str | None = flag(
         "Ray Train run storage (checkpoints, progress images); default: '<output>-runs'", None

@@ -85,6 +85,12 @@ def test_survey_streams_the_same_split_as_the_list_version(tmp_path, count, frac
     assert len(survey.sample_uris) == min(10, len(train)) and set(survey.sample_uris) <= set(train)
     expected = sorted(sorted(train, key=lambda u: train_data._score("mean", u))[:10])
     assert survey.sample_uris == expected
+    # A list file of the same keys (relative to its folder) is the same training set.
+    listed = tmp_path / "keys.txt"
+    listed.write_text("".join(f"{u[len(str(tmp_path)) + 1 :]}\n" for u in reversed(uris)))
+    from_list = train_data.survey(str(listed), fraction=fraction, seed=5, val_limit=4, sample_size=10)
+    assert (from_list.train_count, from_list.val_uris, from_list.sample_uris) == (
+        survey.train_count, survey.val_uris, survey.sample_uris)  # fmt: skip
 
 
 def test_training_keys_are_every_training_image_once_per_copy(ray_local, tmp_path):
