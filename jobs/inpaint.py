@@ -297,7 +297,7 @@ def run(config: InpaintConfig) -> dict:
         # (encode_write), so a part never says ok for an object that is not there.
         ds.write_datasink(sink, ray_remote_args={"num_cpus": min(0.25, config.num_cpus_per_task)})
     except BaseException:
-        progress.finish("failed")
+        progress.failed()
         raise
     totals = sink.totals
     progress.set_rows(totals.counts, totals.error_types)

@@ -23,8 +23,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from pipeline import manifest as manifest_lib
-
-STAGE_COLUMNS = ("read_s", "decode_s", "inference_s", "write_s")
+from pipeline.metrics import STAGES
 
 
 def part_counts(table: pa.Table) -> dict:
@@ -32,10 +31,9 @@ def part_counts(table: pa.Table) -> dict:
     statuses = table.column("status").to_pylist()
     error_types = [t for t in table.column("error_type").to_pylist() if t]
     return {
-        "rows": table.num_rows,
         "counts": dict(collections.Counter(statuses)),
         "error_types": dict(collections.Counter(error_types)),
-        "stage_s": {name: float(pc.sum(table.column(name)).as_py() or 0.0) for name in STAGE_COLUMNS},
+        "stage_s": {name: float(pc.sum(table.column(name)).as_py() or 0.0) for name in STAGES},
         "checkpoint_ids": sorted({c for c in table.column("checkpoint_id").to_pylist() if c}),
     }
 
@@ -44,7 +42,6 @@ class RunTotals:
     """The sum of the parts' counts: what ``_SUCCESS.json`` reports."""
 
     def __init__(self):
-        self.rows = 0
         self.parts = 0
         self.counts: collections.Counter = collections.Counter()
         self.error_types: collections.Counter = collections.Counter()
@@ -52,7 +49,6 @@ class RunTotals:
         self.checkpoint_ids: set[str] = set()
 
     def add(self, part: dict) -> None:
-        self.rows += part["rows"]
         self.parts += 1
         self.counts.update(part["counts"])
         self.error_types.update(part["error_types"])

@@ -309,6 +309,11 @@ class InpaintProgress:
             self.rows = collections.Counter(counts)
             self.row_errors = collections.Counter(error_types)
 
+    def failed(self) -> None:
+        """Save the ``failed`` state of a run that raised, never raising itself (the run's own
+        error is what the caller must see)."""
+        _safely("save the failed state", self.finish, "failed")
+
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
             _safely("report progress", self.tick)
