@@ -296,13 +296,61 @@ def rows_dataset(keys: list[str], uris: list[str]):
     return ray.data.from_items([{"key": k, "uri": u} for k, u in zip(keys, uris, strict=True)])
 
 
+class EpochCounter:
+    """Counts the executions of one training dataset: its epochs.
+
+    Ray Train runs the same Dataset again every epoch, and Ray 2.60's ``random_shuffle(seed=int)``
+    gives the same order on every execution, so the epoch must be in the data itself: the listing
+    task asks this (a tiny Ray actor owned by the driver) which epoch it lists, and orders each page
+    by a hash of ``(seed, epoch, key)``; the shuffle then mixes differently ordered blocks."""
+
+    def __init__(self, first: int = 0):
+        self.epoch = first - 1
+
+    def next(self) -> int:
+        self.epoch += 1
+        return self.epoch
+
+
+def epoch_order(keys: list[str], seed: int, epoch: int) -> list[int]:
+    """The indices of ``keys`` sorted by a hash of ``(seed, epoch, key)``: each epoch a different
+    order, the same for the same seed and epoch."""
+    scores = [
+        hashlib.blake2b(
+            f"{seed}\x00{epoch}\x00{key}".encode("utf-8", "surrogatepass"), digest_size=8
+        ).digest()
+        for key in keys
+    ]
+    return sorted(range(len(keys)), key=scores.__getitem__)
+
+
 def list_training_keys(
-    batch: dict[str, np.ndarray], *, split: Split, copies: int, page_rows: int, endpoint_url: str | None
+    batch: dict[str, np.ndarray],
+    *,
+    split: Split,
+    copies: int,
+    page_rows: int,
+    endpoint_url: str | None,
+    seed: int = 0,
+    epochs=None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data ``map_batches`` function: ``{"source"}`` -> pages of ``page_rows`` ``{"key", "uri"}``
-    rows of the training images (not the validation ones), the listing streamed ``copies`` times."""
+    rows of the training images (not the validation ones), the listing streamed ``copies`` times.
+    ``epochs``: an ``EpochCounter`` actor; each page is then in the order of ``epoch_order``."""
+    import ray
+
+    epoch = ray.get(epochs.next.remote()) if epochs is not None else 0
     keys: list[str] = []
     uris: list[str] = []
+
+    def page() -> dict[str, np.ndarray]:
+        # Each copy of a key gets its own place: the copy number is part of what is hashed.
+        order = epoch_order([f"{k}\x00{i}" for i, k in enumerate(keys)], seed, epoch)
+        return {
+            "key": np.array([keys[i] for i in order], dtype=object),
+            "uri": np.array([uris[i] for i in order], dtype=object),
+        }
+
     for source in batch["source"]:
         for _ in range(copies):
             for page_keys, page_uris in image_pages(str(source), endpoint_url):
@@ -311,10 +359,10 @@ def list_training_keys(
                         keys.append(key)
                         uris.append(uri)
                 if len(keys) >= page_rows:
-                    yield {"key": np.array(keys, dtype=object), "uri": np.array(uris, dtype=object)}
+                    yield page()
                     keys, uris = [], []
     if keys:
-        yield {"key": np.array(keys, dtype=object), "uri": np.array(uris, dtype=object)}
+        yield page()
 
 
 KEY_ROW_BYTES = 256  # a listed row (key + URI), for sizing blocks of keys
@@ -331,13 +379,18 @@ def training_dataset(
     seed: int = 0,
     endpoint_url: str | None = None,
     num_cpus: float = 1.0,
+    first_epoch: int = 0,
 ):
     """Random ``image_size`` crops of the training images under ``source``, in a fresh order each
     epoch: a listing task streams the keys (``copies`` times over, for tiny sets) in about
     ``SHUFFLE_BLOCKS`` blocks, Ray's distributed ``random_shuffle`` mixes them across the cluster
     (no machine holds the whole list), and read tasks decode and crop. ``images``: the survey's
-    count of training images, to size the blocks."""
+    count of training images, to size the blocks. The order is a function of ``seed`` and the
+    epoch (``EpochCounter``, from ``first_epoch``), never the same two epochs running."""
+    import ray
     import ray.data
+
+    epochs = ray.remote(num_cpus=0)(EpochCounter).remote(first_epoch)
 
     keys_per_block = max(16, -(-images * copies // SHUFFLE_BLOCKS))
     ds = ray.data.from_items([{"source": source}])
@@ -353,11 +406,14 @@ def training_dataset(
             "copies": copies,
             "page_rows": keys_per_block,
             "endpoint_url": endpoint_url,
+            "seed": seed,
+            "epochs": epochs,
         },
     )
     # Fractional CPUs: with Ray's default of one, the shuffle's tasks wait forever on a machine
-    # whose training workers hold all but a fraction of its CPUs. Seeded, and reseeded by Ray on
-    # each execution: every epoch a different order, the same for the same seed.
+    # whose training workers hold all but a fraction of its CPUs (so no ``sort``: its tasks take a
+    # whole CPU each). Seeded: the same permutation of its input every execution; the listing's
+    # epoch order is what changes from one epoch to the next.
     return ds.random_shuffle(seed=seed, num_cpus=min(0.25, num_cpus)).map_batches(
         crop_images,
         fn_kwargs={"image_size": image_size, "random": True, "endpoint_url": endpoint_url},

@@ -93,26 +93,40 @@ def test_survey_streams_the_same_split_as_the_list_version(tmp_path, count, frac
         survey.train_count, survey.val_uris, survey.sample_uris)  # fmt: skip
 
 
-def test_training_keys_are_every_training_image_once_per_copy(ray_local, tmp_path):
-    """The epoch's keys (listed in a task, shuffled by Ray across blocks) are the training images,
-    each exactly once per copy, in an order that changes between epochs."""
-    for i in range(120):
-        (tmp_path / f"{i:03d}.png").write_bytes(b"x")
-    survey = train_data.survey(str(tmp_path), fraction=0.1, seed=1, val_limit=2, sample_size=4)
-    import ray.data
+def test_training_dataset_is_every_image_once_per_copy_in_a_new_order_each_epoch(ray_local, tmp_path):
+    """Through ``training_dataset`` itself, run again as Ray Train runs it every epoch: each
+    training image exactly once per copy, an order that changes from epoch to epoch (Ray 2.60's
+    seeded shuffle alone replays one order), and the same orders again for the same seed."""
+    import cv2
 
-    ds = ray.data.from_items([{"source": str(tmp_path)}]).map_batches(
-        train_data.list_training_keys,
-        batch_size=1,
-        fn_kwargs={"split": survey.split, "copies": 2, "page_rows": 16, "endpoint_url": None},
-    )
-    shuffled = ds.random_shuffle()
-    first = [r["key"] for r in shuffled.take_all()]
-    second = [r["key"] for r in shuffled.take_all()]
+    tiny = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    for i in range(120):
+        (tmp_path / f"{i:03d}.png").write_bytes(tiny)
+    survey = train_data.survey(str(tmp_path), fraction=0.1, seed=1, val_limit=2, sample_size=4)
+
+    def epochs(seed: int, count: int) -> list[list[str]]:
+        ds = train_data.training_dataset(
+            str(tmp_path), survey.split, 8, images=survey.train_count, copies=2, seed=seed, num_cpus=0.25
+        )
+        return [[str(r["key"]) for r in ds.take_all()] for _ in range(count)]
+
+    first, second, third = epochs(seed=3, count=3)
     expected = sorted(2 * [f"{i:03d}.png" for i in range(120) if not survey.split.is_validation(
         str(tmp_path / f"{i:03d}.png"))])  # fmt: skip
-    assert sorted(first) == sorted(second) == expected and len(expected) == 2 * survey.train_count
-    assert first != sorted(first) and first != second
+    assert sorted(first) == sorted(second) == sorted(third) == expected
+    assert len(expected) == 2 * survey.train_count
+    assert first != sorted(first) and first != second and second != third and first != third
+    assert epochs(seed=3, count=2) == [first, second]  # deterministic from --seed
+    assert epochs(seed=4, count=1)[0] != first
+
+
+def test_epoch_order_is_a_function_of_seed_epoch_and_keys():
+    keys = [f"k{i}" for i in range(50)]
+    order = train_data.epoch_order(keys, seed=0, epoch=0)
+    assert sorted(order) == list(range(50))
+    assert order == train_data.epoch_order(keys, seed=0, epoch=0)
+    assert order != train_data.epoch_order(keys, seed=0, epoch=1)
+    assert order != train_data.epoch_order(keys, seed=1, epoch=0)
 
 
 def test_listing_an_empty_prefix_is_a_clear_error(tmp_path):
