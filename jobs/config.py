@@ -27,6 +27,8 @@ C = TypeVar("C")
 # pipeline.decode.DEFAULT_MAX_PIXELS (kept literal so this module need not import the decoder's
 # NumPy and Pillow; tests/test_config.py checks that they agree).
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# pipeline.inpaint_data.LIST_FILE_SUFFIXES (literal for the same reason; tests/test_config.py checks).
+LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")
 
 
 def flag(help: str, default: Any = dataclasses.MISSING) -> Any:
@@ -294,6 +296,7 @@ class BatchInferenceConfig:
             )
         if self.limit is not None and self.limit < 1:
             problems.append("--limit must be at least 1")
+        problems += self.overlapping_prefixes()
         if self.run_id is not None:
             from pipeline.storage import UnsafeKeyError, safe_relative_key
 
@@ -304,6 +307,29 @@ class BatchInferenceConfig:
             if "/" in self.run_id:
                 problems.append("--run-id must not contain '/'")
         return problems
+
+    def written_prefixes(self) -> dict[str, str]:
+        """The flags naming where this job writes, and their URIs."""
+        return {"--output": self.output}
+
+    def overlapping_prefixes(self) -> list[str]:
+        """A prefix this job writes under that is (or holds, or lies inside) one it reads: a
+        completion would replace its own input. Refused before anything is written."""
+        from pipeline.storage import overlaps
+
+        if not self.images or not self.output:
+            return []
+        images = self.images
+        if images.lower().endswith(LIST_FILE_SUFFIXES):  # a list file names keys beside it
+            images = images.rstrip("/").rsplit("/", 1)[0] if "/" in images.rstrip("/") else "."
+        read = {"--images": images, **({"--masks": self.masks} if self.masks else {})}
+        return [
+            f"{w_flag} {w_uri!r} and {r_flag} {r_uri!r} overlap (one is, or lies inside, the other): "
+            f"writing there would replace inputs; choose an {w_flag} outside {r_flag}"
+            for w_flag, w_uri in self.written_prefixes().items()
+            for r_flag, r_uri in read.items()
+            if overlaps(w_uri, r_uri)
+        ]
 
     def inference_batch_size(self, gpus_per_actor: float) -> int:
         """``batch_size``, or its automatic value: 64 images fill a GPU's batch at 256x256 far
@@ -341,6 +367,9 @@ class InpaintConfig(BatchInferenceConfig):
     @property
     def manifest_uri(self) -> str:
         return self.manifest or f"{self.output.rstrip('/')}/_manifest"
+
+    def written_prefixes(self) -> dict[str, str]:
+        return {"--output": self.output, **({"--manifest": self.manifest} if self.manifest else {})}
 
 
 # ---------------------------------------------------------------------------------------------

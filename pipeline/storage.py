@@ -119,6 +119,29 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{proto}://{path}"
 
 
+# Names of one protocol: s3fs answers to s3 and s3a, gcsfs to gs and gcs.
+_SAME_PROTOCOL = {"s3a": "s3", "gcs": "gs", "local": "file"}
+
+
+def location(uri: str) -> tuple[str, tuple[str, ...]]:
+    """``(protocol, path segments)`` of ``uri``, normalised for comparing places: ``s3a://`` is
+    ``s3://``, trailing and repeated slashes go, and a local path is absolute with its links
+    resolved (``file://`` stripped), so two spellings of one folder compare equal."""
+    protocol = _SAME_PROTOCOL.get(protocol_of(uri), protocol_of(uri))
+    path = uri.split("://", 1)[1] if "://" in uri else uri
+    if protocol == "file":
+        path = os.path.realpath(os.path.expanduser(path))
+    return protocol, tuple(part for part in path.split("/") if part)
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are the same place or one lies inside the other, segment by segment:
+    ``data`` and ``data_completed`` do not overlap; ``s3://b/x/`` and ``s3a://b/x/y`` do."""
+    (proto_a, parts_a), (proto_b, parts_b) = location(a), location(b)
+    shorter = min(len(parts_a), len(parts_b))
+    return proto_a == proto_b and parts_a[:shorter] == parts_b[:shorter]
+
+
 def safe_relative_key(key: str) -> str:
     """Normalise a relative key and refuse any that would escape the prefix it is joined to.
 

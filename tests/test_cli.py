@@ -380,3 +380,21 @@ def test_manifest_report_over_s3(s3_server, tmp_path):
 
     missing = glcic("manifest", "s3://test/cli/nothing-here", "--endpoint-url", endpoint)
     assert missing.returncode == 2 and "no run_id=... folders there" in one_error_line(missing)
+
+
+@pytest.mark.parametrize("output", [".", "./completed"])
+def test_output_over_the_inputs_is_refused_before_anything_is_written(tmp_path, photo_paths, output):
+    """A new user's ``--output D`` with ``--images D`` once replaced every original with its
+    completion: now one line, exit 2, and the folder is byte for byte as it was."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    for path in photo_paths[:3]:
+        (images / path.name).write_bytes(path.read_bytes())
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    result = glcic(
+        "submit-inpaint", "--local", "--images", str(images), "--output", str(images / output),
+        "--checkpoint", "default",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "overlap" in one_error_line(result)
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before

@@ -90,3 +90,47 @@ def test_evaluate_config_shares_the_inference_flags_and_checks_its_protocol():
         EvaluateConfig(images="in", output="out", checkpoint="ckpt", crop=64)
     with pytest.raises(ValueError, match="hole_min <= hole_max"):
         EvaluateConfig(images="in", output="out", checkpoint="ckpt", hole_min=100, hole_max=90)
+
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ("data", "data", True),
+        ("data/", "./data", True),
+        ("data", "data/completed", True),
+        ("data/completed", "data", True),
+        ("data", "data_completed", False),
+        ("s3://bucket/photos/", "s3a://bucket/photos", True),
+        ("s3://bucket/photos", "s3://bucket/photos/out", True),
+        ("s3://bucket/photos", "s3://bucket/photos-out", False),
+        ("s3://bucket/photos", "gs://bucket/photos", False),
+        ("file:///tmp/x", "/tmp/x/", True),
+    ],
+)
+def test_overlapping_locations_are_compared_segment_by_segment(a, b, expected):
+    from pipeline.storage import overlaps
+
+    assert overlaps(a, b) is expected and overlaps(b, a) is expected
+
+
+def test_a_job_never_writes_where_it_reads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for images, output, extra in [
+        ("photos", "photos", {}),
+        ("photos", "photos/completed", {}),
+        ("photos/", str(tmp_path / "photos"), {}),  # two spellings of one folder
+        ("s3://b/photos", "s3a://b/photos/", {}),
+        ("photos/list.txt", "photos", {}),  # a list file's keys lie beside it
+        ("photos", "out", {"masks": "out/masks"}),
+        ("photos", "out", {"manifest": "photos/_manifest"}),
+    ]:
+        with pytest.raises(ValueError, match="overlap"):
+            InpaintConfig(images=images, output=output, checkpoint="c", **extra)
+    with pytest.raises(ValueError, match="overlap"):
+        EvaluateConfig(images="photos", output="photos/eval", checkpoint="c")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "photos")
+    with pytest.raises(ValueError, match="overlap"):
+        InpaintConfig(images="photos", output="link", checkpoint="c")
+    InpaintConfig(images="photos", output="photos_completed", checkpoint="c")
+    InpaintConfig(images="s3://b/photos", output="s3://b/photos-completed", checkpoint="c")
