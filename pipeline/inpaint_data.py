@@ -143,7 +143,8 @@ def iter_entries(
         return
     excluded = tuple(storage.filesystem(u, endpoint_url)[1] for u in exclude)
     keys = (
-        (_printable(storage.relative_key(root, path)), storage.full_uri(fs, path))
+        # The URI too: a manifest row (an Arrow string) cannot hold the surrogates of such a name.
+        (_printable(storage.relative_key(root, path)), _printable(storage.full_uri(fs, path)))
         for paths in _walk_prefix(fs, root, excluded)
         for path in paths
     )

@@ -516,3 +516,23 @@ def test_large_images_are_completed_small_and_pasted_into_the_full_resolution(
     assert (
         np.abs(small_run[hole].astype(int) - full_run[hole].astype(int)).mean() > 1
     )  # a different, smaller view
+
+
+def test_a_file_name_that_is_not_utf8_is_one_error_row(ray_local, tmp_path, photos, checkpoint):
+    """A local name in another encoding (Latin-1 ``café.jpg``) once failed every run in the
+    manifest writer: now it is an error row with a printable URI, and the other images complete."""
+    images = tmp_path / "in"
+    images.mkdir()
+    good = encode(Image.fromarray(crop(photos[0], 40, 48)), "PNG")
+    (images / "a.png").write_bytes(good)
+    (images / "b.png").write_bytes(good)
+    os.close(os.open(os.fsencode(str(images)) + b"/caf\xe9.jpg", os.O_CREAT | os.O_WRONLY))
+    config = InpaintConfig(images=str(images), output=str(tmp_path / "out"), checkpoint=checkpoint,
+                           postprocess=False)  # fmt: skip
+    for attempt in range(2):  # the rerun too: the good ones are skipped, the bad name is tried again
+        summary = run(config)
+        rows = {r["input_key"]: r for r in read_manifest(f"{tmp_path}/out/_manifest", summary["run_id"]).to_pylist()}
+        bad = rows.pop("caf\\xe9.jpg")
+        assert bad["status"] == "error" and bad["error_type"] == "unsafe_key", bad
+        assert bad["input_uri"].endswith("caf\\xe9.jpg") and bad["input_uri"].isprintable()
+        assert {k: r["status"] for k, r in rows.items()} == ({"a.png": "ok", "b.png": "ok"} if attempt == 0 else {})
