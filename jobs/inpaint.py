@@ -232,6 +232,7 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
         output_format=config.output_format,
         max_pixels=config.max_pixels,
         endpoint_url=config.endpoint_url,
+        write_masks=config.write_masks,
     )
     ds = ds.map_batches(
         read_decode,

@@ -23,7 +23,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_mask
 from pipeline.manifest import STATUS_ERROR, STATUS_OK, contains
-from pipeline.naming import key_digests, output_key_for
+from pipeline.naming import MASKS_FOLDER, key_digests, output_key_for
 from pipeline.train_data import scale_and_crop
 
 LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")
@@ -198,6 +198,7 @@ class ReadOptions:
     output_format: str = "png"
     max_pixels: int = DEFAULT_MAX_PIXELS
     endpoint_url: str | None = None
+    write_masks: bool = False  # <output>/_masks/ then holds the masks: no output may land there
     # The evaluation's view (jobs/evaluate.py); the inpainting job leaves these unset.
     crop: int = 0  # > 0: shorter side resized to it, centre crop (train_data.scale_and_crop), masks too
     hole_range: tuple[int, int] | None = None  # rectangle hole sides, instead of the size-scaled default
@@ -293,6 +294,12 @@ def read_decode(batch: dict[str, np.ndarray], *, options: ReadOptions) -> dict[s
             rows["output_key"][i], rows["encoder"][i] = out_key, encoder
             if not uris[i]:
                 raise RowError("duplicate_key", "listed more than once; the first listing is processed")
+            if options.write_masks and out_key.startswith(MASKS_FOLDER + "/"):
+                raise RowError(
+                    "output_collision",
+                    f"its output {out_key!r} lies in {MASKS_FOLDER}/, where --write-masks writes the masks "
+                    "(the mask of another input may have this name); rename it or leave --write-masks off",
+                )
             if collides[i]:
                 raise RowError(
                     "output_collision",
