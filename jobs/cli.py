@@ -77,7 +77,10 @@ def _debug() -> bool:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """``text`` on one line, without credentials: every error line goes through here."""
+    from pipeline.storage import redact
+
+    return redact(" ".join(str(text).split()))
 
 
 class OneLineErrors(TyperGroup):

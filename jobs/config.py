@@ -530,7 +530,11 @@ def to_argv(config: Any) -> list[str]:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as shown and stored (printed, ``_config.json``, summaries, checkpoints): URLs
+    without their ``user:password@``. The job itself gets the config whole."""
+    from pipeline.storage import redact
+
+    return {k: redact(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(config).items()}
 
 
 def to_json(config: Any) -> str:

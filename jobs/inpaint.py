@@ -285,7 +285,7 @@ def run(config: InpaintConfig) -> dict:
         count_ref, index_ref = ray.remote(num_cpus=0.25, num_returns=2)(resume_index).remote(
             manifest, config.endpoint_url
         )
-        print(f"resuming: {ray.get(count_ref)} images already completed under {manifest}")
+        print(f"resuming: {ray.get(count_ref)} images already completed under {storage.redact(manifest)}")
     progress = live.InpaintProgress(
         run_id, run_prefix, every_s=config.log_every_s, limit=config.limit, endpoint_url=config.endpoint_url
     ).start()  # a progress line, _progress.json and the gauges every --log-every-s
@@ -325,14 +325,14 @@ def run(config: InpaintConfig) -> dict:
         "checkpoint_ids": sorted(totals.checkpoint_ids),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
-        "manifest": run_prefix,
-        "output": config.output,
+        "manifest": storage.redact(run_prefix),
+        "output": storage.redact(config.output),
         "config": to_dict(config),
     }
     manifest_lib.write_summary(manifest, run_id, summary, config.endpoint_url)
     print(
         f"inpaint {run_id}: {total} images {summary['counts']} in {wall:.1f}s "
-        f"({summary['images_per_s']} images/s); manifest {run_prefix}"
+        f"({summary['images_per_s']} images/s); manifest {summary['manifest']}"
     )
     return summary
 

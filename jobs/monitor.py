@@ -85,7 +85,9 @@ def job_metadata(
         )
     else:
         metadata["job_name"] = spec_name
-    return metadata
+    from pipeline.storage import redact
+
+    return {key: redact(value) for key, value in metadata.items()}  # the dashboard shows it to all
 
 
 def describe(metadata: dict[str, str]) -> list[str]:

@@ -422,7 +422,7 @@ def run(config: TrainConfig) -> str:
     if result.error is not None:
         raise result.error
     print(f"final metrics: {result.metrics}")
-    print(f"exported the completion network to {config.output}")
+    print(f"exported the completion network to {storage.redact(config.output)}")
     return config.output
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import posixpath
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +31,16 @@ T = TypeVar("T")
 
 class UnsafeKeyError(ValueError):
     """A relative key that would escape its prefix (``..``, absolute paths, empty segments)."""
+
+
+# scheme://user:password@ in a URL (an endpoint, an HTTP input): never printed, logged or stored.
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``: what any
+    print, log line, config file, manifest or job metadata shows of a URI or endpoint."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", text) if isinstance(text, str) and "@" in text else text
 
 
 def endpoint_url_from_env() -> str | None:

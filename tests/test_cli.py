@@ -398,3 +398,27 @@ def test_output_over_the_inputs_is_refused_before_anything_is_written(tmp_path, 
     assert result.returncode == 2, result.stderr
     assert "overlap" in one_error_line(result)
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+
+
+def test_credentials_in_urls_are_never_printed_stored_or_put_in_metadata(tmp_path):
+    """An endpoint or URI carrying ``user:password@`` appears everywhere as ``***@``: the printed
+    config, its JSON (``_config.json``), the job's metadata, and the one error line."""
+    from jobs.config import InpaintConfig, to_json
+    from jobs.monitor import job_metadata
+    from pipeline.storage import redact
+
+    secret = "pw-8c1e77"
+    assert redact(f"http://key:{secret}@127.0.0.1:1/x and s3://b/k") == "http://***@127.0.0.1:1/x and s3://b/k"
+    config = InpaintConfig(
+        images=f"http://user:{secret}@127.0.0.1:1/photos", output=str(tmp_path / "out"),
+        endpoint_url=f"http://AKIA:{secret}@127.0.0.1:1",
+    )  # fmt: skip
+    assert secret not in to_json(config)
+    assert secret not in json.dumps(job_metadata("inpaint", config, None, reach_storage=False))
+    result = glcic_here(
+        "submit-inpaint", "--local", "--images", f"http://user:{secret}@127.0.0.1:1/photos",
+        "--output", str(tmp_path / "out"), "--endpoint-url", f"http://AKIA:{secret}@127.0.0.1:1",
+    )  # fmt: skip
+    assert result.returncode != 0 and one_error_line(result)
+    assert secret not in result.stdout + result.stderr
+    assert "***@127.0.0.1:1" in result.stdout  # the printed config still names the place
