@@ -172,7 +172,7 @@ def is_probe(job) -> bool:
 
 def status_rows(info, endpoint_url: str | None) -> list[tuple[str, str]]:
     """Rows for ``glcic status``: what the metadata says, and the live progress document."""
-    from pipeline.metrics import format_duration, progress_line, read_json
+    from pipeline.metrics import PROGRESS_FILE, format_duration, progress_line, read_json
 
     metadata = info.metadata or {}
     rows = []
@@ -187,8 +187,13 @@ def status_rows(info, endpoint_url: str | None) -> list[tuple[str, str]]:
     uri = metadata.get("progress")
     if not uri:
         return rows
-    env_vars = (info.runtime_env or {}).get("env_vars") or {}
-    endpoint_url = endpoint_url or env_vars.get("GLCIC_S3_ENDPOINT_URL")
+    # Whoever submitted the job wrote its metadata; the caller reads with their own credentials.
+    # So only the job's own progress file is read (the one the CLI names at submit), and only
+    # through the caller's endpoint, never one the job's runtime_env names.
+    run_folder = metadata.get("manifest") or metadata.get("run")
+    if not run_folder or uri != f"{run_folder}/{PROGRESS_FILE}":
+        rows.append(("progress", f"not read: {uri!r} is not the job's own {PROGRESS_FILE}"))
+        return rows
     try:
         snap = read_json(uri, endpoint_url)
     except FileNotFoundError:

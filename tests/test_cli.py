@@ -408,7 +408,9 @@ def test_credentials_in_urls_are_never_printed_stored_or_put_in_metadata(tmp_pat
     from pipeline.storage import redact
 
     secret = "pw-8c1e77"
-    assert redact(f"http://key:{secret}@127.0.0.1:1/x and s3://b/k") == "http://***@127.0.0.1:1/x and s3://b/k"
+    assert (
+        redact(f"http://key:{secret}@127.0.0.1:1/x and s3://b/k") == "http://***@127.0.0.1:1/x and s3://b/k"
+    )
     config = InpaintConfig(
         images=f"http://user:{secret}@127.0.0.1:1/photos", output=str(tmp_path / "out"),
         endpoint_url=f"http://AKIA:{secret}@127.0.0.1:1",
@@ -422,3 +424,25 @@ def test_credentials_in_urls_are_never_printed_stored_or_put_in_metadata(tmp_pat
     assert result.returncode != 0 and one_error_line(result)
     assert secret not in result.stdout + result.stderr
     assert "***@127.0.0.1:1" in result.stdout  # the printed config still names the place
+
+
+def test_status_reads_only_the_jobs_own_progress_file_through_the_callers_endpoint(tmp_path):
+    """A job's metadata is whatever its submitter wrote: ``glcic status`` reads a progress URI only
+    when it is the job's own ``<run folder>/_progress.json``, and never through an endpoint that the
+    job's runtime_env names (the caller's credentials would be sent there)."""
+    from types import SimpleNamespace
+
+    from jobs.monitor import status_rows
+
+    elsewhere = tmp_path / "someone-elses" / "_progress.json"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(json.dumps({"job": "inpaint", "secret": "x"}))
+    own = tmp_path / "out" / "_manifest" / "run_id=r1"
+    job = SimpleNamespace(
+        metadata={"manifest": str(own), "progress": str(elsewhere)},
+        runtime_env={"env_vars": {"GLCIC_S3_ENDPOINT_URL": "http://attacker.invalid"}},
+    )
+    rows = dict(status_rows(job, endpoint_url=None))
+    assert rows["progress"].startswith("not read:")
+    job.metadata["progress"] = f"{own}/_progress.json"
+    assert dict(status_rows(job, endpoint_url=None))["progress"].startswith("none yet")

@@ -531,21 +531,30 @@ def test_a_file_name_that_is_not_utf8_is_one_error_row(ray_local, tmp_path, phot
                            postprocess=False)  # fmt: skip
     for attempt in range(2):  # the rerun too: the good ones are skipped, the bad name is tried again
         summary = run(config)
-        rows = {r["input_key"]: r for r in read_manifest(f"{tmp_path}/out/_manifest", summary["run_id"]).to_pylist()}
+        rows = {
+            r["input_key"]: r
+            for r in read_manifest(f"{tmp_path}/out/_manifest", summary["run_id"]).to_pylist()
+        }
         bad = rows.pop("caf\\xe9.jpg")
         assert bad["status"] == "error" and bad["error_type"] == "unsafe_key", bad
         assert bad["input_uri"].endswith("caf\\xe9.jpg") and bad["input_uri"].isprintable()
-        assert {k: r["status"] for k, r in rows.items()} == ({"a.png": "ok", "b.png": "ok"} if attempt == 0 else {})
+        assert {k: r["status"] for k, r in rows.items()} == (
+            {"a.png": "ok", "b.png": "ok"} if attempt == 0 else {}
+        )
 
 
-def test_with_write_masks_an_input_in_the_masks_folder_is_an_output_collision(ray_local, tmp_path, photos, checkpoint):
+def test_with_write_masks_an_input_in_the_masks_folder_is_an_output_collision(
+    ray_local, tmp_path, photos, checkpoint
+):
     """``_masks/a.png`` (an input) and the mask of ``a.png`` once landed on one key, both rows ok."""
     data = encode(Image.fromarray(crop(photos[1], 40, 48)), "PNG")
     write_objects(str(tmp_path / "in"), {"a.png": data, "_masks/a.png": data})
     config = InpaintConfig(images=str(tmp_path / "in"), output=str(tmp_path / "out"), checkpoint=checkpoint,
                            postprocess=False, write_masks=True)  # fmt: skip
     summary = run(config)
-    rows = {r["input_key"]: r for r in read_manifest(f"{tmp_path}/out/_manifest", summary["run_id"]).to_pylist()}
+    rows = {
+        r["input_key"]: r for r in read_manifest(f"{tmp_path}/out/_manifest", summary["run_id"]).to_pylist()
+    }
     assert rows["a.png"]["status"] == "ok" and rows["a.png"]["mask_output_key"] == "_masks/a.png"
     assert rows["_masks/a.png"]["status"] == "error"
     assert rows["_masks/a.png"]["error_type"] == "output_collision"
