@@ -90,7 +90,7 @@ def measure_job(config) -> dict:
     from jobs.train import build_trainer
     from pipeline import train_data
 
-    images = len(train_data.list_images(config.images))
+    images = len(train_data.list_image_uris(config.images))
     everything = train_data.Split(0.0, config.seed)  # no validation: every image trains
     dataset = train_data.training_dataset(
         config.images, everything, config.image_size, images=images, num_cpus=config.data_cpus

@@ -36,13 +36,12 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-try:  # recent typer vendors its own click
-    from typer._click.exceptions import ClickException
-except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException
+# typer's public base of its (vendored) click's usage errors: format_message() and exit_code.
+from typer.exceptions import TyperException
 
 from jobs import config as job_config
 from jobs import monitor
+from jobs.errors import EXIT_FAILED, EXIT_USAGE, CliError, one_line
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,27 +59,9 @@ RAY_CLIENT_LOGGERS = (
     "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
 )  # fmt: skip
 
-EXIT_USAGE = 2  # the user's input is wrong (click's own code for usage errors)
-EXIT_FAILED = 1  # the cluster, the storage or the job failed
-
-
-class CliError(Exception):
-    """A failure to report as one line; ``exit_code`` 2 for bad input, 1 for everything else."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
-        super().__init__(message)
-        self.exit_code = exit_code
-
 
 def _debug() -> bool:
     return os.environ.get("GLCIC_DEBUG", "") not in ("", "0")
-
-
-def _one_line(text: str) -> str:
-    """``text`` on one line, without credentials: every error line goes through here."""
-    from pipeline.storage import redact
-
-    return redact(" ".join(str(text).split()))
 
 
 class OneLineErrors(TyperGroup):
@@ -91,14 +72,14 @@ class OneLineErrors(TyperGroup):
             code = super().main(
                 args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
             )
-        except ClickException as e:
+        except TyperException as e:
             if type(e).__name__ == "NoArgsIsHelpError":  # `glcic` alone: the help, not an error
                 e.show()
                 return sys.exit(0) if standalone_mode else 0
-            typer.echo(f"error: {_one_line(e.format_message())} (see --help)", err=True)
+            typer.echo(f"error: {one_line(e.format_message())} (see --help)", err=True)
             code = e.exit_code
         except CliError as e:
-            typer.echo(f"error: {_one_line(e)}", err=True)
+            typer.echo(f"error: {one_line(e)}", err=True)
             code = e.exit_code
         except (typer.Abort, KeyboardInterrupt):
             typer.echo("error: interrupted", err=True)
@@ -107,7 +88,7 @@ class OneLineErrors(TyperGroup):
             if _debug():
                 raise
             typer.echo(
-                f"error: {type(e).__name__}: {_one_line(e)} (GLCIC_DEBUG=1 shows the traceback)", err=True
+                f"error: {type(e).__name__}: {one_line(e)} (GLCIC_DEBUG=1 shows the traceback)", err=True
             )
             code = EXIT_FAILED
         if standalone_mode:
@@ -240,7 +221,7 @@ def _submit_command(spec: JobSpec) -> Callable[..., None]:
         try:
             config = cls(**values)
         except (TypeError, ValueError) as e:
-            raise CliError(f"invalid {cls.__name__}: {_one_line(e)}", EXIT_USAGE) from e
+            raise CliError(f"invalid {cls.__name__}: {one_line(e)}", EXIT_USAGE) from e
         submit_or_run(
             spec,
             config,
@@ -256,31 +237,20 @@ def _submit_command(spec: JobSpec) -> Callable[..., None]:
 # Checks from the client, before anything is submitted.
 
 
-def _quick_filesystem(uri: str, endpoint_url: str | None):
-    """The job's filesystem for ``uri``, but failing fast: a preflight must not retry for minutes."""
-    from pipeline.storage import filesystem
-
-    return filesystem(uri, endpoint_url, fail_fast=True)
-
-
 def check_protocol(flag: str, uri: str) -> None:
-    import fsspec
+    from pipeline.storage import protocol_of, protocol_problem
 
-    from pipeline.storage import protocol_of
-
-    protocol = protocol_of(uri)
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ValueError as e:
-        raise CliError(f"{flag} {uri!r}: unknown storage protocol {protocol!r}", EXIT_USAGE) from e
-    except ImportError as e:
+    problem = protocol_problem(uri)
+    if problem == "unknown":
+        raise CliError(f"{flag} {uri!r}: unknown storage protocol {protocol_of(uri)!r}", EXIT_USAGE)
+    if problem:
         raise CliError(
-            f"{flag} {uri!r}: {protocol}:// needs a package that is not installed ({_one_line(e)})"
-        ) from e
+            f"{flag} {uri!r}: {protocol_of(uri)}:// needs a package that is not installed ({problem})"
+        )
 
 
 def _storage_error(flag: str, uri: str, e: Exception) -> CliError:
-    text = _one_line(e)
+    text = one_line(e)
     name = type(e).__name__
     if "NoCredentials" in name or "Unable to locate credentials" in text:
         return CliError(
@@ -292,44 +262,29 @@ def _storage_error(flag: str, uri: str, e: Exception) -> CliError:
     return CliError(f"{flag} {uri!r}: storage unreachable ({name}: {text})")
 
 
-def _holds_objects(fs, path: str) -> bool:
-    """Whether ``path`` is an object (a list file) or a prefix with at least one object under it.
-
-    One small request on S3 (``MaxKeys=1``): an input prefix may hold millions of objects.
-    """
-    if hasattr(fs, "call_s3") and hasattr(fs, "split_path"):
-        bucket, key, _ = fs.split_path(path)
-        prefix = f"{key.rstrip('/')}/" if key else ""
-        listed = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
-        return bool(listed.get("KeyCount")) or fs.isfile(path)
-    if fs.isfile(path):
-        return True
-    return fs.isdir(path) and next(iter(fs.find(path, withdirs=False)), None) is not None
-
-
 def check_input(flag: str, uri: str, endpoint_url: str | None) -> None:
     """An input is a prefix holding objects, or a single object (a list file)."""
-    fs, path = _quick_filesystem(uri, endpoint_url)
+    from pipeline.storage import holds_objects
+
     try:
-        found = _holds_objects(fs, path)
-    except (FileNotFoundError, NotADirectoryError):
-        found = False
+        found = holds_objects(uri, endpoint_url)
     except Exception as e:
         raise _storage_error(flag, uri, e) from e
     if not found:
         raise CliError(f"{flag} {uri!r}: no such prefix, or it holds no objects", EXIT_USAGE)
 
 
-def check_checkpoint(flag: str, uri: str, endpoint_url: str | None) -> None:
-    from pipeline.checkpoint import CONFIG_FILE, is_complete, resolve
+def preflight_checkpoint(flag: str, uri: str, endpoint_url: str | None):
+    """The checkpoint located once (``pipeline.checkpoint.locate``): its id goes into the job's
+    metadata, so nothing after this reads its config.json again to say which weights run."""
+    from pipeline.checkpoint import CheckpointError, locate
 
-    fs, path = _quick_filesystem(resolve(uri), endpoint_url)
     try:
-        found = is_complete(fs, path)
+        return locate(uri, endpoint_url, fail_fast=True)
+    except CheckpointError as e:
+        raise CliError(f"{flag} {uri!r}: no checkpoint there: {one_line(e)}", EXIT_USAGE) from e
     except Exception as e:
         raise _storage_error(flag, uri, e) from e
-    if not found:
-        raise CliError(f"{flag} {uri!r}: no checkpoint there ({CONFIG_FILE} missing)", EXIT_USAGE)
 
 
 def absolute_local_paths(spec: JobSpec, config: Any) -> Any:
@@ -349,20 +304,23 @@ def absolute_local_paths(spec: JobSpec, config: Any) -> Any:
     return dataclasses.replace(config, **changes) if changes else config
 
 
-def check_before_submit(spec: JobSpec, config: Any, endpoint_url: str | None, *, reach_storage: bool) -> None:
-    """Refuse what the job would only refuse minutes later: bad protocols, empty inputs, no checkpoint."""
+def check_before_submit(spec: JobSpec, config: Any, endpoint_url: str | None, *, reach_storage: bool):
+    """Refuse what the job would only refuse minutes later: bad protocols, empty inputs, no checkpoint.
+    Returns the located checkpoint (None without one, or without ``reach_storage``)."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, str) and "://" in value:
             check_protocol(f"--{f.name.replace('_', '-')}", value)
     if not reach_storage:
-        return
+        return None
     for name in spec.inputs:
         if getattr(config, name, None):
             check_input(f"--{name.replace('_', '-')}", getattr(config, name), endpoint_url)
+    located = None
     for name in spec.checkpoints:
         if getattr(config, name, None):
-            check_checkpoint(f"--{name.replace('_', '-')}", getattr(config, name), endpoint_url)
+            located = preflight_checkpoint(f"--{name.replace('_', '-')}", getattr(config, name), endpoint_url)
+    return located
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +345,7 @@ def ray_auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def job_client(address: str | None):
+def job_client(address: str | None, *, submitting: bool = False):
     from ray.job_submission import JobSubmissionClient
 
     if not _debug():  # Ray's client logs every file it packages; the user wants the job's own output
@@ -397,7 +355,9 @@ def job_client(address: str | None):
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise CliError(
-            "no Ray cluster: pass --address http://HEAD:8265 or set RAY_ADDRESS (or use --local)", EXIT_USAGE
+            "no Ray cluster: pass --address http://HEAD:8265 or set RAY_ADDRESS"
+            + (" (or use --local)" if submitting else ""),
+            EXIT_USAGE,
         )
     if "://" not in address and address != "auto":
         # A bare host:port means the dashboard here; Ray would take it for the GCS and hang a minute.
@@ -405,7 +365,7 @@ def job_client(address: str | None):
     try:
         return JobSubmissionClient(address, headers=ray_auth_headers())
     except Exception as e:  # ConnectionError, ValueError for a malformed address, ...
-        raise CliError(f"cannot reach the Ray cluster at {address}: {_one_line(e)}") from e
+        raise CliError(f"cannot reach the Ray cluster at {address}: {one_line(e)}") from e
 
 
 def _jobs_api(call: Callable[[], Any], job_id: str, address: str) -> Any:
@@ -414,9 +374,9 @@ def _jobs_api(call: Callable[[], Any], job_id: str, address: str) -> Any:
     except RuntimeError as e:
         if "does not exist" in str(e) or "404" in str(e):
             raise CliError(f"no job {job_id!r} on {address}") from e
-        raise CliError(f"Ray Jobs API at {address}: {_one_line(e)}") from e
+        raise CliError(f"Ray Jobs API at {address}: {one_line(e)}") from e
     except OSError as e:  # requests' ConnectionError is an OSError
-        raise CliError(f"cannot reach the Ray cluster at {address}: {_one_line(e)}") from e
+        raise CliError(f"cannot reach the Ray cluster at {address}: {one_line(e)}") from e
 
 
 def dashboard_job_url(address: str, job_id: str) -> str:
@@ -455,12 +415,12 @@ def submit_or_run(
 ) -> None:
     config = monitor.with_run_id(spec.name, absolute_local_paths(spec, config))
     job_config.print_config(config, log=typer.echo)
-    check_before_submit(spec, config, endpoint_url, reach_storage=preflight)
-    metadata = monitor.job_metadata(spec.name, config, endpoint_url, reach_storage=preflight)
+    checkpoint = check_before_submit(spec, config, endpoint_url, reach_storage=preflight)
+    metadata = monitor.job_metadata(spec.name, config, checkpoint)
     if local:
         run_local(spec, config, endpoint_url)
         return
-    client = job_client(address)
+    client = job_client(address, submitting=True)
     address = client.get_address()
     runtime_env = runtime_env_for(working_dir, endpoint_url)
     if preflight:  # a head whose Python cannot import the project fails here, as one line
@@ -503,7 +463,7 @@ def run_local(spec: JobSpec, config: Any, endpoint_url: str | None) -> None:
     except Exception as e:
         if _debug():
             raise
-        raise CliError(f"{spec.name} job failed: {type(e).__name__}: {_one_line(e)}") from e
+        raise CliError(f"{spec.name} job failed: {type(e).__name__}: {one_line(e)}") from e
     finally:
         ray.shutdown()
     typer.echo(f"{spec.name} job finished: {result}")
@@ -569,14 +529,18 @@ def _tail(text: str, limit: int) -> str:
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A table with rich (which typer brings), as wide as its cells: nothing is cut or wrapped,
+    so a URI or an entrypoint stays whole and greppable in a log or a pipe."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*headers, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=False)]
-    lines = [
-        "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
-        for row in [headers, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    Console(width=sum(widths) + 3 * len(widths) + 2, soft_wrap=False).print(table)
 
 
 @app.command(epilog="Example: glcic status raysubmit_XYZ --address http://127.0.0.1:8265")
@@ -595,11 +559,11 @@ def status(job_id: JobArgument, address: AddressOption = None) -> None:
         ("duration", _duration(info.start_time, info.end_time)),
         ("entrypoint", info.entrypoint),
         # A failed job's message carries its last logs; the tail names the error, `logs` has the rest.
-        ("message", _tail(_one_line(info.message or "-"), 300)),
+        ("message", _tail(one_line(info.message or "-"), 300)),
         ("dashboard", dashboard_job_url(client.get_address(), job_id)),
         *monitor.status_rows(info, endpoint_url_from_env()),  # name, run, manifest, live progress
     ]
-    typer.echo(format_table(("field", "value"), rows))
+    print_table(("field", "value"), rows)
 
 
 @app.command(epilog="Example: glcic logs raysubmit_XYZ --follow --address http://127.0.0.1:8265")
@@ -694,7 +658,7 @@ def manifest_report(
             run_id, "yes", str(counts.get("ok", 0)), str(counts.get("error", 0)), str(counts.get("skipped", 0)),
             f"{summary.get('wall_s', 0):.0f}",
         ))  # fmt: skip
-    typer.echo(format_table(("RUN", "FINISHED", "OK", "ERROR", "SKIPPED", "WALL S"), rows))
+    print_table(("RUN", "FINISHED", "OK", "ERROR", "SKIPPED", "WALL S"), rows)
 
     status = states.column("status").to_pylist()
     done, to_do = status.count("ok"), status.count("error")
@@ -708,8 +672,9 @@ def manifest_report(
         example = {}
         for t, m in failed:
             example.setdefault(t or "-", m or "")
-        table = [(t, str(n), _tail(_one_line(example[t]), 80)) for t, n in by_type.most_common(errors)]
-        typer.echo("\n" + format_table(("ERROR TYPE", "INPUTS", "EXAMPLE"), table))
+        table = [(t, str(n), _tail(one_line(example[t]), 80)) for t, n in by_type.most_common(errors)]
+        typer.echo("")
+        print_table(("ERROR TYPE", "INPUTS", "EXAMPLE"), table)
     if todo is not None:
         uris = [
             u for s, u in zip(status, states.column("input_uri").to_pylist(), strict=True) if s == "error"
@@ -724,17 +689,18 @@ def list_jobs(address: AddressOption = None) -> None:
     client = job_client(address)
     jobs = _jobs_api(client.list_jobs, "", client.get_address())
     jobs = sorted((j for j in jobs if not monitor.is_probe(j)), key=lambda j: j.start_time or 0)
-    rows = []
-    for j in jobs:
-        entrypoint = j.entrypoint if len(j.entrypoint) <= 70 else j.entrypoint[:67] + "..."
-        rows.append((
+    rows = [
+        (
             j.submission_id or j.job_id or "-", str(j.status.value), (j.metadata or {}).get("glcic_job", "-"),
-            _time(j.start_time), _duration(j.start_time, j.end_time), entrypoint,
-        ))  # fmt: skip
+            (j.metadata or {}).get("job_name", "-"), _time(j.start_time), _duration(j.start_time, j.end_time),
+            j.entrypoint,
+        )
+        for j in jobs
+    ]  # fmt: skip
     if not rows:
         typer.echo(f"no jobs on {client.get_address()}")
         return
-    typer.echo(format_table(("SUBMISSION ID", "STATUS", "JOB", "STARTED", "DURATION", "ENTRYPOINT"), rows))
+    print_table(("SUBMISSION ID", "STATUS", "JOB", "NAME", "STARTED", "DURATION", "ENTRYPOINT"), rows)
 
 
 if __name__ == "__main__":

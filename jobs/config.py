@@ -27,8 +27,6 @@ C = TypeVar("C")
 # pipeline.decode.DEFAULT_MAX_PIXELS (kept literal so this module need not import the decoder's
 # NumPy and Pillow; tests/test_config.py checks that they agree).
 DEFAULT_MAX_PIXELS = 4096 * 4096
-# pipeline.inpaint_data.LIST_FILE_SUFFIXES (literal for the same reason; tests/test_config.py checks).
-LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")
 
 
 def flag(help: str, default: Any = dataclasses.MISSING) -> Any:
@@ -315,14 +313,11 @@ class BatchInferenceConfig:
     def overlapping_prefixes(self) -> list[str]:
         """A prefix this job writes under that is (or holds, or lies inside) one it reads: a
         completion would replace its own input. Refused before anything is written."""
-        from pipeline.storage import overlaps
+        from pipeline.storage import keys_root, overlaps
 
         if not self.images or not self.output:
             return []
-        images = self.images
-        if images.lower().endswith(LIST_FILE_SUFFIXES):  # a list file names keys beside it
-            images = images.rstrip("/").rsplit("/", 1)[0] if "/" in images.rstrip("/") else "."
-        read = {"--images": images, **({"--masks": self.masks} if self.masks else {})}
+        read = {"--images": keys_root(self.images), **({"--masks": self.masks} if self.masks else {})}
         return [
             f"{w_flag} {w_uri!r} and {r_flag} {r_uri!r} overlap (one is, or lies inside, the other): "
             f"writing there would replace inputs; choose an {w_flag} outside {r_flag}"
@@ -362,7 +357,20 @@ class InpaintConfig(BatchInferenceConfig):
         "(model/postprocess.py); auto = actor when the actor computes on a GPU, else writer",
         "auto",
     )
-    skip_existing: bool = flag("resume: skip images with an ok row in an earlier run's manifest", True)
+    skip_existing: bool = flag(
+        "resume: skip inputs with an ok row in an earlier run of the manifest that had the same output, "
+        "format, masks, mask seed and post-processing, and whose output still exists",
+        True,
+    )
+    redo_other_checkpoint: bool = flag(
+        "resume: also redo inputs an earlier run completed with another checkpoint (by default they are "
+        "skipped, and the run says how many)",
+        False,
+    )
+    verify_outputs: bool = flag(
+        "resume: list --output once (a request per 1,000 objects) and redo inputs whose output is gone",
+        True,
+    )
 
     @property
     def manifest_uri(self) -> str:

@@ -37,9 +37,9 @@ import numpy as np
 from jobs.config import EvaluateConfig, print_config, run_main, save_config, to_dict
 from jobs.inpaint import (
     actor_pool,
-    check_checkpoint,
     inference_stage,
     listing_stage,
+    locate_checkpoint,
     new_run_id,
     predictor_kwargs,
     reachable_resources,
@@ -139,7 +139,7 @@ def grid_png(config: EvaluateConfig, entries: list[tuple[str, str]]) -> bytes:
     import ray
 
     pool = actor_pool(config, ray.cluster_resources(), reachable_resources())
-    predictor = InpaintPredictor(**predictor_kwargs(config, pool, crash_hook=False, keep_images=True))
+    predictor = InpaintPredictor(**predictor_kwargs(config, pool, keep_images=True))
     batch = predictor(batch)
     rows = [
         grid_row(batch["image"][i], batch["mask"][i], batch["completed"][i])
@@ -162,10 +162,10 @@ def run(config: EvaluateConfig) -> dict:
     run_id = config.run_id or new_run_id()
     if manifest_lib.run_exists(config.output, run_id, config.endpoint_url):
         raise ValueError(f"run {run_id!r} already exists under {config.output!r}")
-    check_checkpoint(config)
+    locate_checkpoint(config)
     print_config(config)
     run_prefix = manifest_lib.run_prefix(config.output, run_id)
-    save_config(config, f"{run_prefix}/{manifest_lib.CONFIG_FILE}", config.endpoint_url)
+    save_config(config, f"{run_prefix}/{manifest_lib.RUN_CONFIG_FILE}", config.endpoint_url)
     if not ray.is_initialized():
         ray.init()
 

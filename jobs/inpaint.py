@@ -26,6 +26,7 @@ exactly one ``ok`` row (or only ``error`` rows). ``--skip-existing false`` redoe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -33,12 +34,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import numpy as np
-
 from jobs.config import BatchInferenceConfig, InpaintConfig, print_config, run_main, save_config, to_dict
 from pipeline import manifest as manifest_lib
 from pipeline import metrics as live
 from pipeline import storage
+from pipeline.resume import ResumeRule, list_todo, resume_index, resume_settings
 
 log = logging.getLogger("glcic.inpaint")
 
@@ -108,32 +108,17 @@ def actor_pool(config: BatchInferenceConfig, cluster: dict, reachable: dict | No
 
 
 def reachable_resources() -> dict | None:
-    """The resources the cluster's autoscaler says it can grow to, or None if it says nothing.
+    """What the autoscaler says the cluster can grow to (None: it says nothing)."""
+    from pipeline.ray_internals import autoscaler_max_resources
 
-    The autoscaler v2 and KubeRay publish their node types in the GCS; Ray Data reads them the same
-    way. A private Ray API, so any failure means "unknown".
-    """
-    try:
-        from ray._private.state import state
-
-        return state.get_max_resources_from_cluster_config()
-    except Exception:
-        return None
+    return autoscaler_max_resources()
 
 
-def check_checkpoint(config: BatchInferenceConfig) -> None:
-    """Fail before any work if the checkpoint is not complete (its config.json is written last)."""
-    from pipeline.checkpoint import CONFIG_FILE, is_complete, resolve
+def locate_checkpoint(config: BatchInferenceConfig):
+    """Fail before any work if the checkpoint is not complete; its id for the run's records."""
+    from pipeline.checkpoint import locate
 
-    fs, root = storage.filesystem(resolve(config.checkpoint), config.endpoint_url)
-    fs.invalidate_cache()
-    if not is_complete(fs, root):
-        raise FileNotFoundError(f"no complete checkpoint at {config.checkpoint!r} ({CONFIG_FILE} missing)")
-
-
-def resume_index(manifest: str, endpoint_url: str | None) -> tuple[int, np.ndarray]:
-    digests = manifest_lib.completed_key_digests(manifest, endpoint_url)
-    return len(digests), digests
+    return locate(config.checkpoint, config.endpoint_url)
 
 
 def listing_stage(
@@ -157,7 +142,7 @@ def listing_stage(
     # but its one-CPU task waits, backpressured, for the whole run and starves a small cluster.)
     ds.context.target_max_block_size = config.task_batch_size * KEY_ROW_BYTES
     ds = ds.map_batches(
-        live.list_images_counted,  # list_images, telling the run's progress board what it listed
+        list_todo,  # list_images without the resume index's keys, telling the progress board
         batch_size=1,
         num_cpus=min(0.25, config.num_cpus_per_task),  # it mostly waits on listing calls
         fn_kwargs={
@@ -172,10 +157,8 @@ def listing_stage(
     return ds.limit(config.limit) if config.limit is not None else ds
 
 
-def predictor_kwargs(config: BatchInferenceConfig, pool: ActorPool, crash_hook: bool = True, **extra) -> dict:
-    """``InpaintPredictor``'s constructor arguments for this config (and the test-only crash hook)."""
-    from pipeline.faults import crash_hook_from_env
-
+def predictor_kwargs(config: BatchInferenceConfig, pool: ActorPool, **extra) -> dict:
+    """``InpaintPredictor``'s constructor arguments for this config."""
     return {
         "checkpoint": config.checkpoint,
         "device": config.device,
@@ -184,16 +167,16 @@ def predictor_kwargs(config: BatchInferenceConfig, pool: ActorPool, crash_hook: 
         "max_side": config.max_side or None,
         "endpoint_url": config.endpoint_url,
         "num_threads": max(1, int(round(pool.num_cpus))),  # used when computing on the CPU
-        **(crash_hook_from_env() if crash_hook else {}),
         **extra,
     }
 
 
-def inference_stage(ds, config: BatchInferenceConfig, crash_hook: bool = True, **predictor_options):
+def inference_stage(ds, config: BatchInferenceConfig, **predictor_options):
     """``ds`` through the ``InpaintPredictor`` actor pool (``predictor_options``: e.g. postprocess,
     keep_images), sized by ``actor_pool``."""
     import ray
 
+    from pipeline.faults import forwarded
     from pipeline.inference import InpaintPredictor
 
     pool = actor_pool(config, ray.cluster_resources(), reachable_resources())
@@ -206,9 +189,8 @@ def inference_stage(ds, config: BatchInferenceConfig, crash_hook: bool = True, *
         InpaintPredictor,
         batch_size=config.inference_batch_size(pool.num_gpus),
         compute=pool.strategy(config.actor_tasks_in_flight),
-        num_gpus=pool.num_gpus,
-        num_cpus=pool.num_cpus,
-        fn_constructor_kwargs=predictor_kwargs(config, pool, crash_hook, **predictor_options),
+        fn_constructor_kwargs=predictor_kwargs(config, pool, **predictor_options),
+        **forwarded({"num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus}),  # + the test-only faults
     )
 
 
@@ -269,23 +251,33 @@ def run(config: InpaintConfig) -> dict:
         raise ValueError(
             f"run {run_id!r} already has a manifest under {manifest!r}; rerun without --run-id to resume"
         )
-    check_checkpoint(config)
+    checkpoint = locate_checkpoint(config)
     print_config(config)
     run_prefix = manifest_lib.run_prefix(manifest, run_id)
-    save_config(config, f"{run_prefix}/{manifest_lib.CONFIG_FILE}", config.endpoint_url)
+    save_config(config, f"{run_prefix}/{manifest_lib.RUN_CONFIG_FILE}", config.endpoint_url)
     if not ray.is_initialized():
         ray.init()
 
     started = time.time()
     index_ref = None
+    resume = None
     if config.skip_existing:
-        # Built in a task; the driver only learns its size (and any error) and never holds it.
+        # Built in a task; the driver only learns its report (and any error) and never holds it.
         # Waiting here, before the pipeline takes every CPU, also means no read task ever blocks on
         # an index task that a small cluster has no CPU left to run.
-        count_ref, index_ref = ray.remote(num_cpus=0.25, num_returns=2)(resume_index).remote(
-            manifest, config.endpoint_url
+        rule = ResumeRule(
+            settings=resume_settings(to_dict(config)),
+            checkpoint_id=checkpoint.checkpoint_id,
+            redo_other_checkpoint=config.redo_other_checkpoint,
+            verify_output=config.output if config.verify_outputs else None,
+            exclude=(manifest,),
         )
-        print(f"resuming: {ray.get(count_ref)} images already completed under {storage.redact(manifest)}")
+        report_ref, index_ref = ray.remote(num_cpus=0.25, num_returns=2)(resume_index).remote(
+            manifest, config.endpoint_url, rule
+        )
+        resume = ray.get(report_ref)
+        for line in resume.lines(checkpoint.checkpoint_id):
+            print(line)
     progress = live.InpaintProgress(
         run_id, run_prefix, every_s=config.log_every_s, limit=config.limit, endpoint_url=config.endpoint_url
     ).start()  # a progress line, _progress.json and the gauges every --log-every-s
@@ -319,10 +311,13 @@ def run(config: InpaintConfig) -> dict:
         "error_types": dict(totals.error_types),
         "manifest_parts": totals.parts,
         "wall_s": round(wall, 3),
-        "images_per_s": round(total / wall, 3) if wall > 0 else None,
+        # One definition with the progress line and the gauge: ok + error images per second since
+        # the pipeline started (skipped inputs cost nothing and are counted apart).
+        "images_per_s": final.get("images_per_s"),
         "completed_per_s": round(counts.get(manifest_lib.STATUS_OK, 0) / wall, 3) if wall > 0 else None,
         "stage_s": {k: round(v, 3) for k, v in totals.stage_s.items()},
         "checkpoint_ids": sorted(totals.checkpoint_ids),
+        "resume": dataclasses.asdict(resume) if resume is not None else None,
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "manifest": storage.redact(run_prefix),

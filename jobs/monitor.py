@@ -14,7 +14,6 @@ run id chosen here, an environment probe before submitting, and live progress fo
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
 import time
@@ -31,19 +30,6 @@ PROBE_MODULES = {
 }
 
 
-def _checkpoint_id(uri: str, endpoint_url: str | None) -> str | None:
-    """First 16 hex digits of the generator's sha256, as the job will record it (from config.json)."""
-    from pipeline.checkpoint import CONFIG_FILE, GENERATOR_FILE, resolve
-    from pipeline.storage import filesystem, join_key
-
-    try:
-        fs, path = filesystem(resolve(uri), endpoint_url, fail_fast=True)
-        document = json.loads(fs.cat_file(join_key(path, CONFIG_FILE)))
-        return document["files"][GENERATOR_FILE]["sha256"][:16]
-    except Exception:  # noqa: BLE001  (the preflight has already said what is wrong, if anything)
-        return None
-
-
 def with_run_id(spec_name: str, config: Any) -> Any:
     """The config with its run id chosen here, so the metadata can name the run's files."""
     if spec_name == "inpaint" and not config.run_id:
@@ -53,10 +39,9 @@ def with_run_id(spec_name: str, config: Any) -> Any:
     return config
 
 
-def job_metadata(
-    spec_name: str, config: Any, endpoint_url: str | None, *, reach_storage: bool
-) -> dict[str, str]:
-    """The job's metadata: ``job_name`` (the dashboard's Name column), run id, manifest, checkpoint."""
+def job_metadata(spec_name: str, config: Any, checkpoint=None) -> dict[str, str]:
+    """The job's metadata: ``job_name`` (the dashboard's Name column), run id, manifest, checkpoint
+    (``checkpoint``: the ``LocatedCheckpoint`` the CLI checked, or None without a preflight)."""
     from pipeline.metrics import PROGRESS_FILE
 
     metadata = {"glcic_job": spec_name}
@@ -71,9 +56,8 @@ def job_metadata(
             progress=f"{prefix}/{PROGRESS_FILE}",
             checkpoint=config.checkpoint,
         )
-        checkpoint_id = _checkpoint_id(config.checkpoint, endpoint_url) if reach_storage else None
-        if checkpoint_id:
-            metadata["checkpoint_id"] = checkpoint_id
+        if checkpoint is not None:
+            metadata["checkpoint_id"] = checkpoint.checkpoint_id
     elif spec_name == "train":
         run_uri = config.run_uri()
         metadata.update(
@@ -93,7 +77,8 @@ def job_metadata(
 def describe(metadata: dict[str, str]) -> list[str]:
     """Lines the CLI prints after submitting."""
     names = {"run_id": "run id", "manifest": "manifest", "run": "run", "checkpoint_id": "checkpoint"}
-    return [f"  {label + ':':<11}{metadata[key]}" for key, label in names.items() if metadata.get(key)]
+    width = max(len(label) for label in names.values()) + 2  # the longest label keeps a space too
+    return [f"  {label + ':':<{width}}{metadata[key]}" for key, label in names.items() if metadata.get(key)]
 
 
 def probe_command(modules: tuple[str, ...]) -> str:
@@ -115,7 +100,7 @@ def probe_environment(
     client, spec_name: str, runtime_env: dict, address: str, timeout_s: float = PROBE_TIMEOUT_S
 ) -> str:
     """Run the probe job; return its ok line, or raise ``CliError`` with the head's import error."""
-    from jobs.cli import CliError, _one_line
+    from jobs.errors import CliError, one_line
 
     modules = PROBE_MODULES.get(spec_name, ())
     job_id = f"{PROBE_PREFIX}-{uuid.uuid4().hex[:12]}"
@@ -128,7 +113,7 @@ def probe_environment(
             entrypoint_num_cpus=0,
         )
     except Exception as e:  # noqa: BLE001
-        raise CliError(f"cannot submit to the Ray cluster at {address}: {_one_line(e)}") from e
+        raise CliError(f"cannot submit to the Ray cluster at {address}: {one_line(e)}") from e
     deadline = time.monotonic() + timeout_s
     status = "PENDING"
     try:
@@ -152,10 +137,12 @@ def probe_environment(
             reason = error.removeprefix("glcic-probe-error: ")
         else:  # the runtime_env or the entrypoint itself failed
             info = client.get_job_info(job_id)
-            reason = _one_line(info.message or (lines[-1] if lines else status))[-300:]
+            reason = one_line(info.message or (lines[-1] if lines else status))[-300:]
         raise CliError(
-            f"the cluster's Python cannot run {spec_name}: {reason}; start the Ray head (and workers) "
-            "from the project's environment (pip install -e .), or pass --no-preflight to submit anyway"
+            f"the cluster's Python cannot run {spec_name}: {reason}. A Ray Job runs `python` from the PATH "
+            "the Ray head was started with, not the `ray` command's own environment: start the head (and "
+            "workers) with the project's environment active (source .venv/bin/activate; or pip install -e . "
+            "into that python), or pass --no-preflight to submit anyway"
         )
     finally:
         if status not in ("SUCCEEDED", "FAILED", "STOPPED"):

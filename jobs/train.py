@@ -12,7 +12,7 @@ discriminator always sees composited images (network output in the hole, input e
 its parameters are frozen while the completion network's adversarial loss is back-propagated, so
 no gradient of the generator's loss ever reaches the discriminator's next step.
 
-Checkpoints (model/checkpoint.py's safetensors + JSON) go to ``storage_path/run_name`` through
+Checkpoints (pipeline/checkpoint.py's safetensors + JSON) go to ``storage_path/run_name`` through
 ``ray.train.report``; a restart, automatic (``FailureConfig``) or by running the job again with the
 same ``run_name``, resumes from the latest one in the right phase and step with optimizer state.
 The final completion network is exported to ``output``, a checkpoint the inpainting job loads.

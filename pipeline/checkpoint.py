@@ -46,20 +46,6 @@ DISCRIMINATOR_FILE = "discriminator.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-def export_generator(
-    source: str, destination: str, *, endpoint_url: str | None = None, extra: dict | None = None
-) -> str:
-    """The generator of checkpoint ``source`` alone, in fp16, at ``destination`` (what ships):
-    no discriminator, no optimizer state, ``extra`` merged into its config's ``extra``."""
-    import torch
-
-    loaded = load_checkpoint(source, endpoint_url=endpoint_url, training_state=False)
-    config = dataclasses.replace(loaded.config, extra={**loaded.config.extra, **(extra or {})})
-    return save_checkpoint(
-        destination, config, loaded.generator, endpoint_url=endpoint_url, generator_dtype=torch.float16
-    )
-
-
 def is_complete(fs, root: str) -> bool:
     """Whether the checkpoint at ``root`` is complete: its config.json, written last, exists."""
     return fs.exists(storage.join_key(root, CONFIG_FILE))
@@ -358,6 +344,30 @@ def resolve(uri: str) -> str:
 
         return str(Path(model.__file__).resolve().parent / "weights" / DEFAULT_CHECKPOINT)
     return uri
+
+
+@dataclass(frozen=True)
+class LocatedCheckpoint:
+    """A checkpoint found and checked once, before any work: where it is and which weights."""
+
+    uri: str  # as given ('default' stays 'default': each job resolves it in its own package)
+    resolved: str  # where its files are
+    checkpoint_id: str  # the first 16 hex digits of the generator file's sha256 (as loading computes)
+
+
+def locate(uri: str, endpoint_url: str | None = None, *, fail_fast: bool = False) -> LocatedCheckpoint:
+    """Resolve ``uri`` and read its ``config.json`` (written last: a complete checkpoint), without
+    torch and without the weights: the one check the CLI, the job's driver and the monitor share.
+    Raises ``CheckpointError`` naming what is wrong; storage errors pass through as they are."""
+    resolved = resolve(uri)
+    fs, root = storage.filesystem(resolved, endpoint_url, fail_fast=fail_fast)
+    fs.invalidate_cache()
+    document = _read_config(fs, root, resolved)
+    try:
+        checkpoint_id = document["files"][GENERATOR_FILE]["sha256"][:16]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{resolved}: {CONFIG_FILE} lists no {GENERATOR_FILE}") from None
+    return LocatedCheckpoint(uri=uri, resolved=resolved, checkpoint_id=checkpoint_id)
 
 
 def load_checkpoint(

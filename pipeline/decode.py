@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import warnings
 
+import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -116,3 +117,28 @@ def decode_mask(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
         return (np.asarray(img.convert("L")) >= 128).astype(np.uint8)
     except Exception as e:
         raise DecodeError("corrupt", f"cannot read the mask: {type(e).__name__}: {e}") from None
+
+
+# The paper rescales the shorter side to a random length in [256, 384] before a 256 crop.
+SCALE_RANGE = (1.0, 1.5)
+
+
+def scale_and_crop(
+    image: np.ndarray, size: int, rng: np.random.Generator | None, scale_range=SCALE_RANGE
+) -> np.ndarray:
+    """Rescale so the shorter side is ``size * U(scale_range)`` and crop ``size`` x ``size``.
+
+    ``rng=None`` is the deterministic validation view: shorter side exactly ``size``, centre crop.
+    """
+    h, w = image.shape[:2]
+    scale = 1.0 if rng is None else float(rng.uniform(*scale_range))
+    short = max(size, int(round(size * scale)))
+    factor = short / min(h, w)
+    new_h, new_w = max(size, int(round(h * factor))), max(size, int(round(w * factor)))
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
+    if rng is None:
+        y, x = (new_h - size) // 2, (new_w - size) // 2
+    else:
+        y, x = int(rng.integers(0, new_h - size + 1)), int(rng.integers(0, new_w - size + 1))
+    return np.ascontiguousarray(resized[y : y + size, x : x + size])

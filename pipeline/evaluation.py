@@ -256,7 +256,6 @@ def summary_markdown(summary: dict) -> str:
 
 
 HOLE_COLOUR = (255, 255, 255)
-GRID_COLUMNS = ("input with hole", "telea", "model_raw", "truth")
 
 
 def grid_row(image: np.ndarray, mask: np.ndarray, completed: np.ndarray) -> list[np.ndarray]:

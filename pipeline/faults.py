@@ -6,7 +6,7 @@ are set, and each fault fires once per marker file (created atomically before dy
 restarted worker runs on.
 
 - ``GLCIC_TEST_CRASH_AFTER_BATCHES=N`` + ``GLCIC_TEST_CRASH_MARKER=<path>``: an inference actor
-  dies at its (N+1)th batch (read on the driver, passed to the actors as constructor arguments).
+  dies at its (N+1)th batch (forwarded to the actors' runtime env, read there).
 - ``GLCIC_TEST_KILL_AT_STEP=N`` or ``GLCIC_TEST_KILL_IN_UPLOAD_AT_STEP=N`` +
   ``GLCIC_TEST_KILL_MARKER=<path>``: the rank-0 training worker dies after update N, or after the
   weights of checkpoint N and before its ``config.json`` (forwarded to the workers' runtime env).
@@ -40,11 +40,20 @@ def die_once(marker: str, note: str) -> None:
     os._exit(1)
 
 
-def crash_hook_from_env() -> dict:
-    """The inference actors' fault settings, read on the driver and passed to the actors explicitly."""
+def forwarded(ray_remote_args: dict | None = None) -> dict:
+    """``ray_remote_args`` with the fault variables set here forwarded in the runtime env (nothing
+    added when none is set, as in every real run)."""
+    env = test_env()
+    return {**(ray_remote_args or {}), **({"runtime_env": {"env_vars": env}} if env else {})}
+
+
+def maybe_crash_inference_actor(batches: int, note: str) -> None:
+    """An inference actor dies at its (N+1)th batch if ``GLCIC_TEST_CRASH_AFTER_BATCHES=N`` and the
+    marker is not there yet (only actors: the evaluation's grid task runs the same predictor)."""
     after = int(os.environ.get(CRASH_AFTER_BATCHES_ENV, "0") or 0)
-    marker = os.environ.get(CRASH_MARKER_ENV) or None
-    return {"crash_after_batches": after, "crash_marker": marker} if after > 0 and marker else {}
+    marker = os.environ.get(CRASH_MARKER_ENV)
+    if after > 0 and marker and batches >= after:
+        die_once(marker, note)
 
 
 def maybe_kill_training_worker(env_name: str, step: int, rank: int) -> None:

@@ -92,8 +92,6 @@ class InpaintPredictor:
         endpoint_url: str | None = None,
         num_threads: int | None = None,
         keep_images: bool = False,
-        crash_after_batches: int = 0,
-        crash_marker: str | None = None,
     ):
         import ray
 
@@ -130,14 +128,8 @@ class InpaintPredictor:
         self.node_id = ctx.get_node_id()
         self.worker = ctx.get_actor_id() or ctx.get_worker_id()
         self.gpu_id = ",".join(str(g) for g in ray.get_gpu_ids())
-        self.crash_after_batches = crash_after_batches
-        self.crash_marker = crash_marker
+        self.in_actor = ctx.get_actor_id() is not None
         self.batches = 0
-
-    def _maybe_crash(self) -> None:
-        if not self.crash_after_batches or self.batches < self.crash_after_batches or not self.crash_marker:
-            return
-        faults.die_once(self.crash_marker, self.worker)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -206,7 +198,8 @@ class InpaintPredictor:
         return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._maybe_crash()
+        if self.in_actor:
+            faults.maybe_crash_inference_actor(self.batches, self.worker)
         n = len(batch["input_key"])
         images = batch["image"] if self.keep_images else batch.pop("image")
         masks = batch["mask"]

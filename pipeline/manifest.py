@@ -14,7 +14,7 @@ add ``run_id``; names starting with ``_`` are ignored by all three.
 A part's name is a hash of the rows' input keys and statuses, so a write task that Ray retries
 rewrites the same file instead of adding a duplicate. A row says ``ok`` only after its output
 object is fully written, so every ``ok`` row of every run, finished or crashed, names an output
-that exists: resuming skips exactly those images (``completed_key_digests``, the resume index),
+that exists: resuming skips exactly those images (``pipeline/resume.py``, the resume index),
 so with resuming on (the default) each completed image has exactly one ``ok`` row across all
 runs; ``--skip-existing false`` redoes images and gives them another.
 
@@ -40,7 +40,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.naming import key_digests
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ STATUS_SKIPPED = "skipped"  # a count in _SUCCESS.json: inputs an earlier run co
 STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_SKIPPED)
 
 SUCCESS_FILE = "_SUCCESS.json"
-CONFIG_FILE = "_config.json"
+RUN_CONFIG_FILE = "_config.json"  # a run's config (a checkpoint's is checkpoint.CONFIG_FILE)
 
 # A run's rows reach storage only through these writes, and one that gives up ends the run (the
 # driver raises), so they outlast a storage outage longer than an image's own read or write
@@ -182,7 +181,7 @@ class ManifestWriter:
         self.parts_written += 1
 
 
-def _run_dirs(fs, root: str) -> list[str]:
+def run_dirs(fs, root: str) -> list[str]:
     """The ``run_id=<id>`` folders under ``root``, sorted."""
     # fsspec caches listings per filesystem instance, and instances are shared within a process:
     # a worker that listed this prefix during an earlier run would not see that run's parts.
@@ -194,19 +193,19 @@ def _run_dirs(fs, root: str) -> list[str]:
     return sorted(r for r in runs if posixpath.basename(r.rstrip("/")).startswith("run_id="))
 
 
-def _run_id(run_dir: str) -> str:
+def run_id_of(run_dir: str) -> str:
     """The id of a ``run_id=<id>`` folder."""
     return posixpath.basename(run_dir.rstrip("/")).split("=", 1)[1]
 
 
-def _read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+def read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
     data = storage.with_retries(lambda: storage.read_bytes(fs, path))
     return pq.read_table(io.BytesIO(data), columns=columns)
 
 
-def _part_paths(fs, root: str) -> list[str]:
+def part_paths(fs, root: str) -> list[str]:
     parts = []
-    for run in _run_dirs(fs, root):
+    for run in run_dirs(fs, root):
         try:
             names = fs.ls(run, detail=False)
         except FileNotFoundError:
@@ -223,42 +222,6 @@ def run_exists(manifest: str, run_id: str, endpoint_url: str | None = None) -> b
     return bool(fs.exists(path))
 
 
-def completed_key_digests(manifest: str, endpoint_url: str | None = None, threads: int = 16) -> np.ndarray:
-    """Sorted digests of every input key with an ``ok`` row in any run under ``manifest``.
-
-    Reads only the ``input_key`` and ``status`` columns, ``threads`` parts at a time (object
-    storage answers each GET in tens of milliseconds: one at a time, 25,000 parts would take
-    minutes); memory is 16 bytes per completed image (about 1.6 GB for 100 M images). Runs as a
-    Ray task so the driver never holds it. A file that cannot be read (not one of ours: ours are
-    written atomically) is logged and ignored, so its images are simply done again.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    fs, root = storage.filesystem(manifest, endpoint_url)
-
-    def ok_digests(path: str) -> np.ndarray:
-        try:
-            table = _read_part(fs, path, ["input_key", "status"])
-        except (FileNotFoundError, OSError, pa.ArrowException) as e:
-            log.warning("ignoring unreadable manifest part %s: %s", path, e)
-            return np.empty(0, dtype="S16")
-        ok = table.filter(pa.compute.equal(table.column("status"), STATUS_OK))
-        return key_digests(ok.column("input_key").to_pylist())
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        chunks = [np.empty(0, dtype="S16"), *pool.map(ok_digests, _part_paths(fs, root))]
-    return np.unique(np.concatenate(chunks))
-
-
-def contains(sorted_digests: np.ndarray, digests: np.ndarray) -> np.ndarray:
-    """Boolean mask: which of ``digests`` are in ``sorted_digests``."""
-    if len(sorted_digests) == 0 or len(digests) == 0:
-        return np.zeros(len(digests), dtype=bool)
-    pos = np.searchsorted(sorted_digests, digests)
-    pos = np.minimum(pos, len(sorted_digests) - 1)
-    return sorted_digests[pos] == digests
-
-
 def write_summary(manifest: str, run_id: str, summary: dict, endpoint_url: str | None = None) -> str:
     fs, root = storage.filesystem(run_prefix(manifest, run_id), endpoint_url)
     path = storage.join_key(root, SUCCESS_FILE)
@@ -270,14 +233,16 @@ def write_summary(manifest: str, run_id: str, summary: dict, endpoint_url: str |
 def read_manifest(manifest: str, run_id: str | None = None, endpoint_url: str | None = None) -> pa.Table:
     """Every row of one run (or of all runs) as one table; for tests, tools and notebooks."""
     fs, root = storage.filesystem(manifest, endpoint_url)
-    paths = _part_paths(fs, root)
+    paths = part_paths(fs, root)
     if run_id is not None:
-        paths = [p for p in paths if _run_id(posixpath.dirname(p)) == run_id]
+        paths = [p for p in paths if run_id_of(posixpath.dirname(p)) == run_id]
     tables = []
     for p in paths:
         table = pq.read_table(io.BytesIO(storage.read_bytes(fs, p)))
         tables.append(
-            table.append_column("run_id", pa.array([_run_id(posixpath.dirname(p))] * len(table), pa.string()))
+            table.append_column(
+                "run_id", pa.array([run_id_of(posixpath.dirname(p))] * len(table), pa.string())
+            )
         )
     if not tables:
         return MANIFEST_SCHEMA.append(pa.field("run_id", pa.string())).empty_table()
@@ -309,12 +274,12 @@ def input_states(manifest: str, endpoint_url: str | None = None) -> pa.Table:
     fs, root = storage.filesystem(manifest, endpoint_url)
     columns = ["input_key", "input_uri", "status", "output_uri", "error_type", "error_message"]
     tables = []
-    for path in _part_paths(fs, root):
-        table = _read_part(fs, path, columns)
+    for path in part_paths(fs, root):
+        table = read_part(fs, path, columns)
         table = table.filter(pa.compute.not_equal(table.column("status"), STATUS_SKIPPED))
         tables.append(
             table.append_column(
-                "run_id", pa.array([_run_id(posixpath.dirname(path))] * len(table), pa.string())
+                "run_id", pa.array([run_id_of(posixpath.dirname(path))] * len(table), pa.string())
             )
         )
     if not tables or not sum(len(t) for t in tables):
@@ -337,10 +302,10 @@ def run_summaries(manifest: str, endpoint_url: str | None = None) -> list[tuple[
     """``(run_id, _SUCCESS.json or None when the run did not finish)`` of every run, by run id."""
     fs, root = storage.filesystem(manifest, endpoint_url)
     found = []
-    for run in _run_dirs(fs, root):
+    for run in run_dirs(fs, root):
         try:
             summary = json.loads(storage.read_bytes(fs, storage.join_key(run, SUCCESS_FILE)))
         except FileNotFoundError:
             summary = None
-        found.append((_run_id(run), summary))
+        found.append((run_id_of(run), summary))
     return found

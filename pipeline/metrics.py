@@ -28,7 +28,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -62,7 +61,7 @@ TRAIN_LOSS = "glcic_train_loss"  # Gauge {run, loss}: loss_mse, loss_d, loss_adv
 TRAIN_VALIDATION = "glcic_train_validation"  # Gauge {run, metric}: val_hole_l1, val_psnr, val_ssim
 TRAIN_ETA = "glcic_train_eta_seconds"  # Gauge {run}
 
-METRIC_NAMES = (
+RAY_METRIC_NAMES = (
     INPAINT_IMAGES, INPAINT_ERRORS, INPAINT_STAGE_SECONDS, INPAINT_IMAGES_PER_S, INPAINT_LISTED,
     INPAINT_TOTAL, INPAINT_ETA, TRAIN_STEPS, TRAIN_STEP, TRAIN_STEPS_PER_S, TRAIN_IMAGES_PER_S,
     TRAIN_PHASE, TRAIN_LOSS, TRAIN_VALIDATION, TRAIN_ETA,
@@ -93,7 +92,7 @@ def metric(name: str):
                 m = ray_metrics.Gauge(name, "latest training losses", run + ("loss",))
             elif name == TRAIN_VALIDATION:
                 m = ray_metrics.Gauge(name, "latest validation figures", run + ("metric",))
-            elif name in METRIC_NAMES:
+            elif name in RAY_METRIC_NAMES:
                 m = ray_metrics.Gauge(name, name.replace("_", " "), run)
             else:
                 raise KeyError(name)
@@ -101,7 +100,7 @@ def metric(name: str):
         return _METRICS[name]
 
 
-def _safely(what: str, fn, *args, **kwargs):
+def safely(what: str, fn, *args, **kwargs):
     """Figures must never fail a job: log and carry on."""
     try:
         return fn(*args, **kwargs)
@@ -177,7 +176,7 @@ class ProgressBoard:
 _BOARDS: dict[str, Any] = {}
 
 
-def _board(run_id: str):
+def board(run_id: str):
     """The run's board from a task (cached per process); None when there is none."""
     if not run_id:
         return None
@@ -191,41 +190,12 @@ def _board(run_id: str):
     return _BOARDS[run_id]
 
 
-def list_images_counted(
-    batch: dict[str, np.ndarray], *, run_id: str = "", index_ref: list | tuple = (), **kwargs
-) -> Iterator[dict]:
-    """``pipeline.inpaint_data.list_images`` without the keys in the resume index (``index_ref``:
-    ``[ObjectRef]`` of ``manifest.completed_key_digests``, or empty), telling the run's board how
-    many keys it listed and how many of them it dropped as completed: the run's ``skipped`` count."""
-    import ray
-
-    from pipeline.inpaint_data import drop_completed, list_images
-
-    index = ray.get(index_ref[0]) if index_ref else None
-    board = _board(run_id)
-    listed = skipped = 0
-    for page in list_images(batch, **kwargs):
-        listed += len(page["key"])
-        page, dropped = drop_completed(page, index)
-        skipped += dropped
-        if board is not None:
-            board.listing.remote(listed, skipped, False)
-        metric_set = _safely("record the listing", metric, INPAINT_LISTED)
-        if metric_set is not None:
-            metric_set.set(listed, tags={"run_id": run_id or "-"})
-        if len(page["key"]):
-            yield page
-    if board is not None:
-        # Waited for: the driver reads the skipped count from the board once the rows stop coming.
-        _safely("report the listing", ray.get, board.listing.remote(listed, skipped, True), timeout=60)
-
-
 class RowTally:
     """Counts the rows a write task finishes, image by image: Ray metrics and the run's board."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id or "-"
-        self.board = _board(run_id)
+        self.board = board(run_id)
         self.counts: collections.Counter = collections.Counter()
         self.error_types: collections.Counter = collections.Counter()
         self.last_push = time.monotonic()
@@ -291,10 +261,10 @@ class InpaintProgress:
         import ray
 
         board_cls = ray.remote(num_cpus=0, max_restarts=0)(ProgressBoard)
-        board = _safely(
+        board = safely(
             "start the progress board", lambda: board_cls.options(name=board_name(self.run_id)).remote()
         )
-        if board is not None and _safely(
+        if board is not None and safely(
             "reach the progress board", ray.get, board.snapshot.remote(), timeout=60
         ):
             self.board = board
@@ -312,18 +282,18 @@ class InpaintProgress:
     def failed(self) -> None:
         """Save the ``failed`` state of a run that raised, never raising itself (the run's own
         error is what the caller must see)."""
-        _safely("save the failed state", self.finish, "failed")
+        safely("save the failed state", self.finish, "failed")
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
-            _safely("report progress", self.tick)
+            safely("report progress", self.tick)
 
     def snapshot(self, state: str = "running") -> dict:
         import ray
 
         board = None
         if self.board is not None:
-            board = _safely("read the progress board", ray.get, self.board.snapshot.remote(), timeout=10)
+            board = safely("read the progress board", ray.get, self.board.snapshot.remote(), timeout=10)
         with self._lock:
             counts, error_types = dict(self.rows), dict(self.row_errors)
         listed, listing_done, skipped = None, False, None
@@ -380,8 +350,8 @@ class InpaintProgress:
     def tick(self, state: str = "running") -> dict:
         snap = self.snapshot(state)
         log.warning("%s", progress_line(snap))
-        _safely("save the progress file", write_json, self.uri, snap, self.endpoint_url)
-        _safely("set the progress gauges", self._gauges, snap)
+        safely("save the progress file", write_json, self.uri, snap, self.endpoint_url)
+        safely("set the progress gauges", self._gauges, snap)
         return snap
 
     def _gauges(self, snap: dict) -> None:
@@ -405,7 +375,7 @@ class InpaintProgress:
         if self.board is not None:
             import ray
 
-            _safely("stop the progress board", ray.kill, self.board)
+            safely("stop the progress board", ray.kill, self.board)
         return snap
 
 
@@ -452,7 +422,7 @@ class TrainReporter:
         figures = dict(figures)
         if "images_per_s_per_worker" in figures:
             figures["images_per_s"] = figures["images_per_s_per_worker"] * world
-        _safely("report training figures", self._report, figures, final)
+        safely("report training figures", self._report, figures, final)
 
     def _report(self, figures: dict[str, float], final: bool) -> None:
         tags = {"run": self.run}

@@ -60,3 +60,12 @@ def key_digests(keys) -> np.ndarray:  # noqa: F821 (NumPy is imported where arra
     import numpy as np
 
     return np.array([key_digest(k) for k in keys], dtype="S16")
+
+
+def contains(sorted_digests: np.ndarray, digests: np.ndarray) -> np.ndarray:
+    """Boolean mask: which of ``digests`` are in ``sorted_digests``."""
+    if len(sorted_digests) == 0 or len(digests) == 0:
+        return np.zeros(len(digests), dtype=bool)
+    pos = np.searchsorted(sorted_digests, digests)
+    pos = np.minimum(pos, len(sorted_digests) - 1)
+    return sorted_digests[pos] == digests

@@ -122,6 +122,36 @@ def filesystem(
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
 
+def protocol_problem(uri: str) -> str:
+    """Why ``uri``'s protocol cannot be used here: "" (it can), "unknown", or the import error of
+    the package it needs (``gs://`` without gcsfs)."""
+    try:
+        fsspec.get_filesystem_class(protocol_of(uri))
+    except ValueError:
+        return "unknown"
+    except ImportError as e:
+        return " ".join(str(e).split())
+    return ""
+
+
+def holds_objects(uri: str, endpoint_url: str | None = None) -> bool:
+    """Whether ``uri`` is an object (a list file) or a prefix with at least one object under it,
+    asked failing fast (a client-side check). One small request on S3 (``MaxKeys=1``): an input
+    prefix may hold millions of objects."""
+    fs, path = filesystem(uri, endpoint_url, fail_fast=True)
+    try:
+        if hasattr(fs, "call_s3") and hasattr(fs, "split_path"):
+            bucket, key, _ = fs.split_path(path)
+            prefix = f"{key.rstrip('/')}/" if key else ""
+            listed = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+            return bool(listed.get("KeyCount")) or fs.isfile(path)
+        if fs.isfile(path):
+            return True
+        return fs.isdir(path) and next(iter(fs.find(path, withdirs=False)), None) is not None
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The URI of ``path`` on ``fs`` (``s3://bucket/key`` or a local path)."""
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
@@ -143,6 +173,17 @@ def location(uri: str) -> tuple[str, tuple[str, ...]]:
     if protocol == "file":
         path = os.path.realpath(os.path.expanduser(path))
     return protocol, tuple(part for part in path.split("/") if part)
+
+
+LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")  # an input that is a list of keys, not a prefix
+
+
+def keys_root(images: str) -> str:
+    """The place an input's keys are relative to: the prefix itself, or a list file's folder."""
+    if images.lower().endswith(LIST_FILE_SUFFIXES):
+        stripped = images.rstrip("/")
+        return stripped.rsplit("/", 1)[0] if "/" in stripped else "."
+    return images
 
 
 def overlaps(a: str, b: str) -> bool:

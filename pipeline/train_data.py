@@ -22,19 +22,15 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from model.masks import training_mask
 from pipeline import storage
-from pipeline.decode import DecodeError, decode_image
+from pipeline.decode import DecodeError, decode_image, scale_and_crop
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
-# The paper rescales the shorter side to a random length in [256, 384] before a 256 crop.
-SCALE_RANGE = (1.0, 1.5)
 
 
 class NoImagesError(ValueError):
@@ -51,7 +47,7 @@ def image_pages(source: str, endpoint_url: str | None = None) -> Iterator[tuple[
     """``(keys, URIs)`` of the image files under ``source`` (a prefix, or a list file of keys or
     URIs), a page at a time: the inpainting job's streaming listing (``pipeline.inpaint_data``), so
     no process ever holds the whole list. Keys are relative to the prefix (or as listed)."""
-    from pipeline.inpaint_data import iter_entries
+    from pipeline.listing import iter_entries
 
     fs, root = storage.filesystem(source, endpoint_url)
     if not fs.exists(root):
@@ -64,7 +60,7 @@ def image_pages(source: str, endpoint_url: str | None = None) -> Iterator[tuple[
             yield list(keys), list(uris)
 
 
-def list_images(prefix: str, endpoint_url: str | None = None) -> list[str]:
+def list_image_uris(prefix: str, endpoint_url: str | None = None) -> list[str]:
     """URIs of every image file under ``prefix``, sorted; raises ``NoImagesError`` if none. For
     small sets (tests, tools); training itself streams the listing (``Survey``, ``training_dataset``)."""
     uris = sorted(u for _, page in image_pages(prefix, endpoint_url) for u in page)
@@ -227,27 +223,6 @@ def decode_or_none(data: bytes, key: str) -> np.ndarray | None:
     except DecodeError as e:
         logger.warning("skipping %s: %s (%s)", key, e, e.kind)
         return None
-
-
-def scale_and_crop(
-    image: np.ndarray, size: int, rng: np.random.Generator | None, scale_range=SCALE_RANGE
-) -> np.ndarray:
-    """Rescale so the shorter side is ``size * U(scale_range)`` and crop ``size`` x ``size``.
-
-    ``rng=None`` is the deterministic validation view: shorter side exactly ``size``, centre crop.
-    """
-    h, w = image.shape[:2]
-    scale = 1.0 if rng is None else float(rng.uniform(*scale_range))
-    short = max(size, int(round(size * scale)))
-    factor = short / min(h, w)
-    new_h, new_w = max(size, int(round(h * factor))), max(size, int(round(w * factor)))
-    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
-    if rng is None:
-        y, x = (new_h - size) // 2, (new_w - size) // 2
-    else:
-        y, x = int(rng.integers(0, new_h - size + 1)), int(rng.integers(0, new_w - size + 1))
-    return np.ascontiguousarray(resized[y : y + size, x : x + size])
 
 
 def read_images(batch: dict[str, np.ndarray], endpoint_url: str | None) -> Iterator[tuple[str, np.ndarray]]:

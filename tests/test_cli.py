@@ -416,7 +416,7 @@ def test_credentials_in_urls_are_never_printed_stored_or_put_in_metadata(tmp_pat
         endpoint_url=f"http://AKIA:{secret}@127.0.0.1:1",
     )  # fmt: skip
     assert secret not in to_json(config)
-    assert secret not in json.dumps(job_metadata("inpaint", config, None, reach_storage=False))
+    assert secret not in json.dumps(job_metadata("inpaint", config))
     result = glcic_here(
         "submit-inpaint", "--local", "--images", f"http://user:{secret}@127.0.0.1:1/photos",
         "--output", str(tmp_path / "out"), "--endpoint-url", f"http://AKIA:{secret}@127.0.0.1:1",

@@ -24,10 +24,9 @@ from model.evaluation import PSNR_CAP, image_metrics, inpaint_baseline
 from model.losses import hole_l1, psnr, ssim
 from model.masks import rectangle_mask
 from model.postprocess import blend
-from pipeline.decode import decode_image
+from pipeline.decode import decode_image, scale_and_crop
 from pipeline.evaluation import EVALUATION_COLUMNS, METHODS, METRIC_COLUMNS, grid_image
 from pipeline.manifest import read_manifest
-from pipeline.train_data import scale_and_crop
 from tests.helpers import write_objects
 
 CROP, LOCAL, HOLES = 64, 32, (12, 28)

@@ -560,3 +560,44 @@ def test_with_write_masks_an_input_in_the_masks_folder_is_an_output_collision(
     assert rows["_masks/a.png"]["error_type"] == "output_collision"
     mask = np.asarray(Image.open(tmp_path / "out" / "_masks" / "a.png"))
     assert set(np.unique(mask)) <= {0, 255}  # the mask, not a completed photo
+
+
+def test_resume_redoes_what_other_settings_weights_or_deleted_outputs_made_stale(
+    ray_local, tmp_path, photos, checkpoint
+):
+    """A rerun once skipped every input whatever changed: now another output format redoes them,
+    other weights are named (and redone with --redo-other-checkpoint), a deleted output is redone."""
+    import torch
+
+    images = str(tmp_path / "in")
+    write_objects(
+        images, {f"p{i}.png": encode(Image.fromarray(crop(photos[i], 40, 48)), "PNG") for i in range(3)}
+    )
+    base = dict(images=images, output=str(tmp_path / "out"), postprocess=False, batch_size=4)
+    first = run(InpaintConfig(checkpoint=checkpoint, **base))
+    assert first["counts"] == {"ok": 3, "error": 0, "skipped": 0}
+
+    jpeg = run(InpaintConfig(checkpoint=checkpoint, output_format="jpeg", **base))
+    assert jpeg["counts"] == {"ok": 3, "error": 0, "skipped": 0}  # other outputs: made, not skipped
+    assert jpeg["resume"]["redo_other_settings"] == 3
+    assert sorted(p.name for p in Path(base["output"]).glob("*.jpg")) == [
+        "p0.png.jpg",
+        "p1.png.jpg",
+        "p2.png.jpg",
+    ]
+
+    torch.manual_seed(1)
+    other = str(tmp_path / "other-weights")
+    save_checkpoint(
+        other, ModelConfig(width=0.125, mean_pixel=(0.5, 0.5, 0.5)), CompletionNetwork(0.125).eval()
+    )
+    kept = run(InpaintConfig(checkpoint=other, **base))
+    assert kept["counts"]["skipped"] == 3 and kept["resume"]["skipped_other_checkpoint"] == 3
+    (Path(base["output"]) / "p1.png").unlink()
+    redone = run(InpaintConfig(checkpoint=other, redo_other_checkpoint=True, **base))
+    assert redone["counts"] == {"ok": 3, "error": 0, "skipped": 0}
+    assert redone["resume"]["redo_other_checkpoint"] == 2 and redone["resume"]["redo_output_missing"] == 1
+    assert set(redone["checkpoint_ids"]) != set(first["checkpoint_ids"])
+    again = run(InpaintConfig(checkpoint=other, **base))
+    assert again["counts"] == {"ok": 0, "error": 0, "skipped": 3}
+    assert again["resume"]["skipped_other_checkpoint"] == 0

@@ -75,3 +75,70 @@ def test_the_cli_imports_no_torch_ray_or_opencv_until_a_command_needs_them():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+PRIVATE_WRAPPER = "pipeline/ray_internals.py"  # the one module allowed Ray's private internals
+STORAGE_CLIENTS = {"fsspec", "s3fs", "boto3", "botocore", "gcsfs", "adlfs"}
+
+
+def private_imports_of(path: Path) -> set[str]:
+    """Dotted module names ``path`` imports that have a private segment (``ray._private``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        found.update(n for n in names if any(part.startswith("_") for part in n.split(".")[1:]))
+    return found
+
+
+def test_jobs_touch_no_storage_client_and_nothing_imports_private_internals():
+    for module, imported in graph().items():
+        if module.startswith("jobs/"):
+            assert not imported & STORAGE_CLIENTS, f"{module} imports {sorted(imported & STORAGE_CLIENTS)}"
+    for path in sorted(
+        p for package in (*LAYERS, LOCAL_TOOLING, "bench") for p in (REPO / package).rglob("*.py")
+    ):
+        module = str(path.relative_to(REPO))
+        if module != PRIVATE_WRAPPER:
+            assert not private_imports_of(path), f"{module} imports {sorted(private_imports_of(path))}"
+
+
+def test_the_private_ray_internals_glcic_uses_are_still_where_it_looks():
+    """Fails by name when a Ray upgrade moves what ``pipeline/ray_internals.py`` wraps."""
+    from ray._private.state import state
+
+    assert callable(state.get_max_resources_from_cluster_config)
+
+
+def test_no_import_cycle_between_modules():
+    """Module-level and lazy imports between glcic's own modules form no cycle."""
+    modules = {str(p.relative_to(REPO))[:-3].replace("/", "."): p for package in LAYERS
+               for p in (REPO / package).rglob("*.py")}  # fmt: skip
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets.add(node.module)
+                targets.update(f"{node.module}.{a.name}" for a in node.names)
+        edges[name] = {t for t in targets if t in modules and t != name and not t.endswith("__init__")}
+        edges[name] -= {name.rsplit(".", 1)[0]}  # a package's own __init__ re-exports
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(nxt) :], nxt]))
+            if nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name, [name])

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pipeline import storage
-from pipeline.inpaint_data import _with_collisions, iter_entries
+from pipeline.listing import _with_collisions, iter_entries
 from pipeline.naming import output_key_for
 
 

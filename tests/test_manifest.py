@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import manifest as m
-from pipeline.naming import key_digests
+from pipeline.naming import contains, key_digests
+from pipeline.resume import ResumeRule, resume_index, resume_settings
 
 
 def rows(keys: list[str], statuses: list[str]) -> dict[str, list]:
@@ -70,22 +72,74 @@ def test_parts_are_idempotent_and_runs_are_separate(tmp_path):
     assert len(every) == 6 and set(every.run_id) == {"run-a", "run-b"}
     assert len(m.read_manifest(manifest, "run-b")) == 3
 
-    # Resume index: ok rows of any run, nothing else.
-    done = m.completed_key_digests(manifest)
-    assert len(done) == 3 and list(done) == sorted(done)
+    # Resume index: ok rows of any run with the same settings, nothing else.
+    for run in ("run-a", "run-b"):
+        write_run_config(manifest, run, SETTINGS)
+    report, done = resume_index(manifest, None, ResumeRule(settings=resume_settings(SETTINGS)))
+    assert len(done) == 3 and list(done) == sorted(done) and report.skipped == 3
     probe = key_digests(["x/1.jpg", "x/2.jpg", "x/3.jpg", "x/4.jpg", "ünï/ ✓.jpg"])
-    assert m.contains(done, probe).tolist() == [True, True, True, False, False]
-    assert m.contains(np.empty(0, "S16"), probe).tolist() == [False] * 5
+    assert contains(done, probe).tolist() == [True, True, True, False, False]
+    assert contains(np.empty(0, "S16"), probe).tolist() == [False] * 5
+
+
+SETTINGS = {"images": "s3://bucket/in", "output": "s3://bucket/out", "output_format": "png", "masks": None,
+            "mask_generator": "rectangle", "mask_seed": 3, "postprocess": True, "max_side": 1024,
+            "write_masks": False}  # fmt: skip
+
+
+def write_run_config(manifest: str, run: str, settings: dict) -> None:
+    path = Path(manifest, f"run_id={run}", m.RUN_CONFIG_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"type": "InpaintConfig", **settings}))
 
 
 def test_unreadable_part_is_ignored_by_resume(tmp_path):
     manifest = str(tmp_path / "manifest")
     m.write_part(manifest, "good", m.rows_to_table(rows(["a.jpg"], ["ok"])))
+    write_run_config(manifest, "good", SETTINGS)
     bad = tmp_path / "manifest" / "run_id=crashed" / "part-000.parquet"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"PAR1 this is not a parquet file")
-    assert m.contains(m.completed_key_digests(manifest), key_digests(["a.jpg"])).tolist() == [True]
-    assert len(m.completed_key_digests(str(tmp_path / "nothing here"))) == 0
+    write_run_config(manifest, "crashed", SETTINGS)
+    rule = ResumeRule(settings=resume_settings(SETTINGS))
+    assert contains(resume_index(manifest, None, rule)[1], key_digests(["a.jpg"])).tolist() == [True]
+    assert len(resume_index(str(tmp_path / "nothing here"), None, rule)[1]) == 0
+
+
+def test_resume_skips_only_what_is_still_right(tmp_path):
+    """An earlier ok row is skipped only when its run had the same output-deciding settings (read
+    from its _config.json), its output exists, and (with --redo-other-checkpoint) its weights."""
+    manifest, out = str(tmp_path / "manifest"), tmp_path / "out"
+    ours = {**SETTINGS, "output": str(out)}
+    m.write_part(manifest, "png", m.rows_to_table(rows(["a.jpg", "b.jpg", "c.jpg"], ["ok", "ok", "error"])))
+    write_run_config(manifest, "png", ours)
+    jpeg_rows = rows(["d.jpg"], ["ok"])
+    m.write_part(manifest, "jpeg", m.rows_to_table(jpeg_rows))
+    write_run_config(manifest, "jpeg", {**ours, "output_format": "jpeg", "mask_seed": 4})
+    other = rows(["e.jpg"], ["ok"])
+    other["checkpoint_id"] = ["other9"]
+    m.write_part(manifest, "weights", m.rows_to_table(other))
+    write_run_config(manifest, "weights", ours)
+    out.mkdir()
+    for name in ("a.jpg.png", "e.jpg.png", "d.jpg.png"):  # b.jpg's output was deleted
+        (out / name).write_bytes(b"x")
+
+    rule = ResumeRule(settings=resume_settings(ours), checkpoint_id="abc123", verify_output=str(out))
+    report, done = resume_index(manifest, None, rule)
+    assert contains(done, key_digests(["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"])).tolist() == [
+        True, False, False, False, True]  # fmt: skip
+    assert (report.skipped, report.skipped_other_checkpoint, report.redo_output_missing) == (2, 1, 1)
+    assert report.redo_other_settings == 1
+    assert report.runs_other_settings == {"jpeg": ["output_format", "mask_seed"]}
+    assert any("--redo-other-checkpoint" in line for line in report.lines("abc123"))
+
+    redo = ResumeRule(**{**rule.__dict__, "redo_other_checkpoint": True})
+    report, done = resume_index(manifest, None, redo)
+    assert contains(done, key_digests(["a.jpg", "e.jpg"])).tolist() == [True, False]
+    assert report.redo_other_checkpoint == 1 and report.skipped == 1
+    # The same place spelled another way is the same setting.
+    spelled = resume_settings({**ours, "output": str(out) + "/"})
+    assert resume_index(manifest, None, ResumeRule(settings=spelled))[0].skipped == 3
 
 
 def test_summary_and_readers(tmp_path):
@@ -96,7 +150,7 @@ def test_summary_and_readers(tmp_path):
     m.write_part(manifest, "r1", m.rows_to_table(rows(["a.jpg", "b.jpg"], ["ok", "error"])))
     path = m.write_summary(manifest, "r1", {"counts": {"ok": 1, "error": 1, "skipped": 0}})
     assert json.loads(open(path).read())["counts"]["ok"] == 1
-    (tmp_path / "manifest" / "run_id=r1" / m.CONFIG_FILE).write_text("{}")
+    (tmp_path / "manifest" / "run_id=r1" / m.RUN_CONFIG_FILE).write_text("{}")
     # _SUCCESS.json and _config.json sit beside the parts; readers skip names starting with "_".
     frame = pd.read_parquet(manifest)
     assert sorted(frame.input_key) == ["a.jpg", "b.jpg"] and set(frame.run_id) == {"r1"}

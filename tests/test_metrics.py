@@ -195,7 +195,8 @@ def test_status_shows_live_counts_and_prometheus_scrapes_them(head, inputs, s3_s
 
 
 def test_preflight_refuses_a_head_whose_python_cannot_import_the_project(head, tmp_path):
-    from jobs.cli import CliError, job_client, runtime_env_for
+    from jobs.cli import job_client, runtime_env_for
+    from jobs.errors import CliError
     from jobs.monitor import probe_environment
 
     # The head's `python` for this job: an interpreter without the project's packages.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import train_data
+from pipeline.decode import scale_and_crop
 
 
 def test_validation_split_is_stable_disjoint_and_survives_new_images():
@@ -26,13 +27,13 @@ def test_validation_split_is_stable_disjoint_and_survives_new_images():
 
 def test_crops_are_training_size_and_validation_view_is_deterministic(photos):
     rng = np.random.default_rng(0)
-    crops = [train_data.scale_and_crop(photos[0], 48, rng) for _ in range(5)]
+    crops = [scale_and_crop(photos[0], 48, rng) for _ in range(5)]
     assert all(c.shape == (48, 48, 3) and c.dtype == np.uint8 for c in crops)
     assert len({c.tobytes() for c in crops}) > 1  # random scale and position
     tiny = np.zeros((10, 7, 3), np.uint8)
-    assert train_data.scale_and_crop(tiny, 48, rng).shape == (48, 48, 3)
-    a = train_data.scale_and_crop(photos[0], 48, None)
-    assert np.array_equal(a, train_data.scale_and_crop(photos[0], 48, None))
+    assert scale_and_crop(tiny, 48, rng).shape == (48, 48, 3)
+    a = scale_and_crop(photos[0], 48, None)
+    assert np.array_equal(a, scale_and_crop(photos[0], 48, None))
 
 
 def test_masks_are_a_function_of_seed_key_and_step():
@@ -52,7 +53,7 @@ def test_mean_pixel_matches_a_direct_computation_and_skips_bad_files(
     for p in photo_paths[:3]:
         shutil.copy(p, tmp_path / p.name)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
-    uris = train_data.list_images(str(tmp_path))
+    uris = train_data.list_image_uris(str(tmp_path))
     assert len(uris) == 4
     expected = np.concatenate([p.reshape(-1, 3) for p in photos[:3]]).astype(np.float64).mean(0) / 255
     mean, images = train_data.mean_pixel(uris)
@@ -72,7 +73,7 @@ def test_survey_streams_the_same_split_as_the_list_version(tmp_path, count, frac
         folder.mkdir(exist_ok=True)
         (folder / f"{i:04d}.jpg").write_bytes(b"x")
     (tmp_path / "notes.txt").write_bytes(b"not an image")
-    uris = train_data.list_images(str(tmp_path))
+    uris = train_data.list_image_uris(str(tmp_path))
     train, val = train_data.split_validation(uris, fraction, seed=5)
 
     survey = train_data.survey(str(tmp_path), fraction=fraction, seed=5, val_limit=4, sample_size=10)
@@ -132,6 +133,6 @@ def test_epoch_order_is_a_function_of_seed_epoch_and_keys():
 def test_listing_an_empty_prefix_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(train_data.NoImagesError, match="no image files"):
-        train_data.list_images(str(tmp_path))
+        train_data.list_image_uris(str(tmp_path))
     with pytest.raises(train_data.NoImagesError, match="no such prefix"):
-        train_data.list_images(str(tmp_path / "missing"))
+        train_data.list_image_uris(str(tmp_path / "missing"))

@@ -25,7 +25,8 @@ from model.gan import (
 )
 from model.losses import discriminator_loss, hole_l1, hole_mse, masked_mse, psnr, ssim
 from model.masks import freeform_box, freeform_mask
-from pipeline.train_data import batch_masks, scale_and_crop, validation_masks
+from pipeline.decode import scale_and_crop
+from pipeline.train_data import batch_masks, validation_masks
 
 MEAN = (0.4, 0.4, 0.4)
 
