@@ -20,13 +20,13 @@ manifest's conventions, ``pipeline/manifest.py``):
     _summary.md         the summary as Markdown tables
     _SUCCESS.json       the summary (means per method, comparisons, counts, timings); written last
 
-The driver only sees result rows (no pixels): it writes them as parts, adds them to the summary
-and remembers the first ``--grid-rows`` ok keys; one task then redoes those few images for the grid.
+The rows go through the inpainting job's manifest sink (``pipeline/batch_run.py``): write tasks
+write them as parts and sum them for the summary and the first ``--grid-rows`` ok keys, so the
+driver never holds rows; one task then redoes those few images for the grid.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import sys
 import time
@@ -34,18 +34,19 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from jobs.config import EvaluateConfig, print_config, run_main, save_config, to_dict
-from jobs.inpaint import (
+from jobs.config import EvaluateConfig, print_config, run_main, to_dict, to_json
+from pipeline import manifest as manifest_lib
+from pipeline import storage
+from pipeline.batch_run import (
     actor_pool,
     inference_stage,
     listing_stage,
-    locate_checkpoint,
-    new_run_id,
     predictor_kwargs,
     reachable_resources,
+    read_stage,
+    start_run,
+    write_manifest,
 )
-from pipeline import manifest as manifest_lib
-from pipeline import storage
 
 log = logging.getLogger("glcic.evaluate")
 
@@ -72,52 +73,13 @@ def read_options(config: EvaluateConfig):
 
 def build_dataset(config: EvaluateConfig):
     from pipeline.evaluation import evaluate_batch
-    from pipeline.inpaint_data import read_decode
 
     ds = listing_stage(config, exclude=(config.output,), output_format=None, run_id="")
-    ds = ds.map_batches(
-        read_decode,
-        batch_size=config.task_batch_size,
-        num_cpus=config.num_cpus_per_task,
-        fn_kwargs={"options": read_options(config)},
-    )
+    ds = read_stage(ds, config, read_options(config))
     ds = inference_stage(ds, config, keep_images=True)
     return ds.map_batches(
         evaluate_batch, batch_size=config.task_batch_size, num_cpus=config.num_cpus_per_task
     )
-
-
-class FirstKeys:
-    """The ``n`` smallest keys (with their URIs) among the ok rows seen: the grid's images."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.heap: list[tuple[_Reversed, str]] = []  # a max-heap of the n smallest
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        if not self.n:
-            return
-        for key, uri, status in zip(batch["input_key"], batch["input_uri"], batch["status"], strict=True):
-            if status != manifest_lib.STATUS_OK:
-                continue
-            item = (_Reversed(str(key)), str(uri))
-            if len(self.heap) < self.n:
-                heapq.heappush(self.heap, item)
-            elif str(key) < self.heap[0][0].key:
-                heapq.heapreplace(self.heap, item)
-
-    def entries(self) -> list[tuple[str, str]]:
-        return sorted((r.key, uri) for r, uri in self.heap)
-
-
-class _Reversed:
-    __slots__ = ("key",)
-
-    def __init__(self, key: str):
-        self.key = key
-
-    def __lt__(self, other: _Reversed) -> bool:
-        return self.key > other.key
 
 
 def grid_png(config: EvaluateConfig, entries: list[tuple[str, str]]) -> bytes:
@@ -157,41 +119,30 @@ def run(config: EvaluateConfig) -> dict:
     """Run the evaluation to the end; return the summary also written as ``_SUCCESS.json``."""
     import ray
 
-    from pipeline.evaluation import EVALUATION_SCHEMA, TIMING_COLUMNS, SummaryAccumulator, summary_markdown
+    from pipeline.evaluation import EVALUATION_SCHEMA, TIMING_COLUMNS, EvaluationTotals, summary_markdown
 
-    run_id = config.run_id or new_run_id()
-    if manifest_lib.run_exists(config.output, run_id, config.endpoint_url):
-        raise ValueError(f"run {run_id!r} already exists under {config.output!r}")
-    locate_checkpoint(config)
+    run = start_run(config, config.output, to_json(config))
+    run_id, run_prefix = run.run_id, run.prefix
     print_config(config)
-    run_prefix = manifest_lib.run_prefix(config.output, run_id)
-    save_config(config, f"{run_prefix}/{manifest_lib.RUN_CONFIG_FILE}", config.endpoint_url)
     if not ray.is_initialized():
         ray.init()
 
     started = time.time()
-    ds = build_dataset(config)
-    writer = manifest_lib.ManifestWriter(
-        config.output, run_id, config.manifest_rows_per_part, endpoint_url=config.endpoint_url
+    # The rows go to parts in Ray Data write tasks, which sum them there: the driver gets one small
+    # EvaluationTotals per part (the summary's sums, the grid's first keys), never the rows.
+    evaluated = write_manifest(
+        build_dataset(config),
+        run,
+        config,
+        schema=EVALUATION_SCHEMA,
+        totals=EvaluationTotals(config.grid_rows),
     )
-    totals = SummaryAccumulator()
-    first = FirstKeys(config.grid_rows)
-    last_log = started
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        writer.add(manifest_lib.rows_to_table(batch, EVALUATION_SCHEMA))
-        totals.add(batch)
-        first.add(batch)
-        now = time.time()
-        if now - last_log >= config.log_every_s:
-            done = sum(totals.counts.values())
-            log.warning("evaluate %s: %d images %s", run_id, done, dict(totals.counts))
-            last_log = now
-    writer.flush()
+    totals, first = evaluated.summary, evaluated.first
     scored_s = time.time() - started
 
     fs, root = storage.filesystem(run_prefix, config.endpoint_url)
     grid = grid_error = None
-    if first.heap:
+    if first.items:
         # The grid is a picture of the rows, not a result: if it fails (an input gone since it was
         # scored, storage down), the rows and the summary still stand and say why.
         try:
@@ -213,6 +164,7 @@ def run(config: EvaluateConfig) -> dict:
         "wall_s": round(wall, 3),
         "scoring_wall_s": round(scored_s, 3),
         "images_per_s": round(sum(totals.counts.values()) / scored_s, 3) if scored_s > 0 else None,
+        "parts": evaluated.parts,
         "grid": grid,
         "grid_error": grid_error,
         "grid_keys": [k for k, _ in first.entries()],

@@ -33,7 +33,7 @@ PROBE_MODULES = {
 def with_run_id(spec_name: str, config: Any) -> Any:
     """The config with its run id chosen here, so the metadata can name the run's files."""
     if spec_name == "inpaint" and not config.run_id:
-        from jobs.inpaint import new_run_id
+        from pipeline.batch_run import new_run_id
 
         config = dataclasses.replace(config, run_id=new_run_id())
     return config

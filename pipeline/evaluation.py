@@ -17,6 +17,7 @@ be scored becomes an ``error`` row (``mask_no_hole``, ``evaluation_failed``).
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import Counter
@@ -171,6 +172,16 @@ class SummaryAccumulator:
                 better = a < b if metric == "hole_l1" else a > b
                 self.wins[(method, reference, metric)] += int(np.sum(better))
 
+    def merge(self, other: SummaryAccumulator) -> None:
+        """Add another accumulator's rows (a manifest part's, summed where it was written)."""
+        for mine, theirs in (
+            (self.counts, other.counts), (self.error_types, other.error_types), (self.sums, other.sums),
+            (self.valid, other.valid), (self.wins, other.wins), (self.stage_s, other.stage_s),
+        ):  # fmt: skip
+            mine.update(theirs)
+        self.hole_fraction_sum += other.hole_fraction_sum
+        self.checkpoint_ids |= other.checkpoint_ids
+
     def mean(self, column: str) -> float:
         return self.sums[column] / self.valid[column] if self.valid[column] else math.nan
 
@@ -203,6 +214,48 @@ class SummaryAccumulator:
             "stage_s": {k: round(v, 3) for k, v in self.stage_s.items()},
             "checkpoint_ids": sorted(self.checkpoint_ids),
         }
+
+
+class FirstKeys:
+    """The ``n`` smallest keys (with their URIs) among the ok rows seen: the grid's images."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        if self.n:
+            ok = [(str(k), str(u)) for k, u, s in zip(batch["input_key"], batch["input_uri"], batch["status"],
+                                                      strict=True) if s == STATUS_OK]  # fmt: skip
+            self.items = heapq.nsmallest(self.n, [*self.items, *ok])
+
+    def merge(self, other: FirstKeys) -> None:
+        self.items = heapq.nsmallest(self.n, [*self.items, *other.items])
+
+    def entries(self) -> list[tuple[str, str]]:
+        return sorted(self.items)
+
+
+class EvaluationTotals:
+    """What the driver keeps of an evaluation's rows, summed part by part where the parts are
+    written (``pipeline.manifest_sink.ManifestDatasink``): the summary's sums and the grid's keys."""
+
+    def __init__(self, grid_rows: int):
+        self.parts = 0
+        self.summary = SummaryAccumulator()
+        self.first = FirstKeys(grid_rows)
+
+    def empty(self) -> EvaluationTotals:
+        return EvaluationTotals(self.first.n)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        self.summary.add(batch)
+        self.first.add(batch)
+
+    def merge(self, part: EvaluationTotals) -> None:
+        self.parts += 1
+        self.summary.merge(part.summary)
+        self.first.merge(part.first)
 
 
 def _round(value: float) -> float | None:

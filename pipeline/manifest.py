@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import posixpath
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -134,51 +133,6 @@ def write_part(manifest: str, run_id: str, table: pa.Table, endpoint_url: str | 
     data = sink.getvalue()
     storage.with_retries(lambda: storage.atomic_write_bytes(fs, path, data), **MANIFEST_WRITE_RETRIES)
     return path
-
-
-class ManifestWriter:
-    """Buffers a run's result rows and writes them as Parquet parts of ``rows_per_part`` rows, or
-    sooner once ``flush_s`` seconds have passed, so a slow run records its progress too.
-
-    The evaluation's driver feeds it its rows (an evaluation set is thousands of images, and the
-    driver scores them anyway); the inpainting job writes its parts in write tasks instead
-    (``pipeline.manifest_sink``), so its driver never holds rows.
-    """
-
-    def __init__(
-        self,
-        manifest: str,
-        run_id: str,
-        rows_per_part: int = 1024,
-        flush_s: float = 30.0,
-        endpoint_url: str | None = None,
-    ):
-        self.manifest, self.run_id, self.endpoint_url = manifest, run_id, endpoint_url
-        self.rows_per_part, self.flush_s = rows_per_part, flush_s
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.last_flush = time.monotonic()
-        self.parts_written = 0
-
-    def add(self, table: pa.Table) -> None:
-        self.pending.append(table)
-        self.pending_rows += table.num_rows
-        while self.pending_rows >= self.rows_per_part:
-            self._write(self.rows_per_part)
-        if self.pending_rows and time.monotonic() - self.last_flush >= self.flush_s:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending_rows:
-            self._write(self.pending_rows)
-
-    def _write(self, rows: int) -> None:
-        table = pa.concat_tables(self.pending)
-        write_part(self.manifest, self.run_id, table.slice(0, rows), self.endpoint_url)
-        rest = table.slice(rows)
-        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-        self.last_flush = time.monotonic()
-        self.parts_written += 1
 
 
 def run_dirs(fs, root: str) -> list[str]:

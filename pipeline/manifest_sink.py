@@ -1,6 +1,7 @@
-"""ManifestSink: the inpainting job's last stage, writing manifest parts where the rows are made.
+"""ManifestSink: a batch run's last stage, writing manifest parts where the rows are made.
 
-The rows that leave EncodeWrite (no pixels) go to Ray Data write tasks, which bundle them into
+The rows that leave the job's last stage (no pixels: EncodeWrite's, or the evaluation's scores)
+go to Ray Data write tasks, which bundle them into
 parts of at least ``--manifest-rows-per-part`` rows and write each as one Parquet file
 (``pipeline.manifest.write_part``: atomic, and named by its rows, so a retried write task rewrites
 the same file). Each write task returns only its part's counts, so the driver's memory holds one
@@ -17,8 +18,8 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
@@ -26,20 +27,9 @@ from pipeline import manifest as manifest_lib
 from pipeline.metrics import STAGES
 
 
-def part_counts(table: pa.Table) -> dict:
-    """What the driver needs of a part: counts by status and error type, stage seconds, checkpoints."""
-    statuses = table.column("status").to_pylist()
-    error_types = [t for t in table.column("error_type").to_pylist() if t]
-    return {
-        "counts": dict(collections.Counter(statuses)),
-        "error_types": dict(collections.Counter(error_types)),
-        "stage_s": {name: float(pc.sum(table.column(name)).as_py() or 0.0) for name in STAGES},
-        "checkpoint_ids": sorted({c for c in table.column("checkpoint_id").to_pylist() if c}),
-    }
-
-
 class RunTotals:
-    """The sum of the parts' counts: what ``_SUCCESS.json`` reports."""
+    """The inpainting run's totals, summed part by part: what ``_SUCCESS.json`` reports. A write
+    task fills a fresh one (``empty``) from its part's rows; the driver merges them."""
 
     def __init__(self):
         self.parts = 0
@@ -48,24 +38,47 @@ class RunTotals:
         self.stage_s: collections.Counter = collections.Counter()
         self.checkpoint_ids: set[str] = set()
 
-    def add(self, part: dict) -> None:
+    def empty(self) -> RunTotals:
+        return RunTotals()
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        """One block of a part's rows (in flight: "" stands for none)."""
+        self.counts.update(str(s) for s in batch["status"])
+        self.error_types.update(str(t) for t in batch["error_type"] if t)
+        for name in STAGES:
+            self.stage_s[name] += float(np.sum(batch[name]))
+        self.checkpoint_ids.update(str(c) for c in set(batch["checkpoint_id"].tolist()) if c)
+
+    def merge(self, part: RunTotals) -> None:
         self.parts += 1
-        self.counts.update(part["counts"])
-        self.error_types.update(part["error_types"])
-        self.stage_s.update(part["stage_s"])
-        self.checkpoint_ids.update(part["checkpoint_ids"])
+        self.counts.update(part.counts)
+        self.error_types.update(part.error_types)
+        self.stage_s.update(part.stage_s)
+        self.checkpoint_ids.update(part.checkpoint_ids)
 
 
 class ManifestDatasink(Datasink):
-    """Ray Data ``Datasink``: EncodeWrite's rows -> Parquet parts under ``<manifest>/run_id=<id>/``.
+    """Ray Data ``Datasink``: a run's result rows -> Parquet parts under ``<manifest>/run_id=<id>/``
+    in ``schema`` (the manifest's, or the evaluation's).
 
-    ``totals`` (a ``RunTotals``) is filled on the driver when the write completes.
+    ``totals`` (``RunTotals`` by default; anything with ``empty``, ``add(batch)`` and ``merge``) is
+    filled on the driver when the write completes, one small object per part.
     """
 
-    def __init__(self, manifest: str, run_id: str, rows_per_part: int, endpoint_url: str | None = None):
+    def __init__(
+        self,
+        manifest: str,
+        run_id: str,
+        rows_per_part: int,
+        endpoint_url: str | None = None,
+        *,
+        schema: pa.Schema | None = None,
+        totals=None,
+    ):
         self.manifest, self.run_id, self.endpoint_url = manifest, run_id, endpoint_url
         self.rows_per_part = rows_per_part
-        self.totals = RunTotals()
+        self.schema = schema if schema is not None else manifest_lib.MANIFEST_SCHEMA
+        self.totals = totals if totals is not None else RunTotals()
 
     @property
     def min_rows_per_write(self) -> int:
@@ -74,19 +87,20 @@ class ManifestDatasink(Datasink):
     def get_name(self) -> str:
         return "ManifestSink"
 
-    def write(self, blocks: Iterable, ctx) -> list[dict]:
-        tables = []
+    def write(self, blocks: Iterable, ctx) -> list:
+        tables, part = [], self.totals.empty()
         for block in blocks:
             accessor = BlockAccessor.for_block(block)
             if accessor.num_rows():
-                tables.append(manifest_lib.rows_to_table(accessor.to_batch_format("numpy")))
+                batch = accessor.to_batch_format("numpy")
+                tables.append(manifest_lib.rows_to_table(batch, self.schema))
+                part.add(batch)
         if not tables:
             return []
-        table = pa.concat_tables(tables)
-        manifest_lib.write_part(self.manifest, self.run_id, table, self.endpoint_url)
-        return [part_counts(table)]
+        manifest_lib.write_part(self.manifest, self.run_id, pa.concat_tables(tables), self.endpoint_url)
+        return [part]
 
     def on_write_complete(self, write_result) -> None:
         for parts in write_result.write_returns:
             for part in parts:
-                self.totals.add(part)
+                self.totals.merge(part)

@@ -229,6 +229,7 @@ def relative_key(prefix: str, path: str) -> str:
 
 
 LIST_PAGE_KEYS = 1000  # S3's own page size: one request per page, whatever the store
+KEY_ROW_BYTES = 256  # a listed row (key + URI), for sizing Ray Data blocks of keys
 # Sorts after every key under a prefix ending in "/": where a listing resumes to skip a subtree.
 _AFTER_SUBTREE = "\U0010ffff"
 

@@ -340,7 +340,6 @@ def list_training_keys(
         yield page()
 
 
-KEY_ROW_BYTES = 256  # a listed row (key + URI), for sizing blocks of keys
 SHUFFLE_BLOCKS = 256  # blocks of keys per epoch: the shuffle's width (an all-to-all of this squared)
 
 
@@ -371,7 +370,7 @@ def training_dataset(
     ds = ray.data.from_items([{"source": source}])
     # One block per page of keys: Ray Data would otherwise merge a task's small rows into blocks
     # of up to 128 MiB, and a block is what one read task decodes.
-    ds.context.target_max_block_size = keys_per_block * KEY_ROW_BYTES
+    ds.context.target_max_block_size = keys_per_block * storage.KEY_ROW_BYTES
     ds = ds.map_batches(
         list_training_keys,
         batch_size=1,

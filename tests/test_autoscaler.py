@@ -22,7 +22,7 @@ from PIL import Image
 
 from embedded.fake_cluster import FakeAutoscalingCluster, gpu_worker_type
 from jobs.config import InpaintConfig
-from jobs.inpaint import actor_pool
+from pipeline.batch_run import actor_pool
 from pipeline.manifest import read_manifest
 from tests.helpers import write_objects
 from tests.test_inpaint import crop, encode
