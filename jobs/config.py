@@ -27,6 +27,8 @@ C = TypeVar("C")
 # pipeline.decode.DEFAULT_MAX_PIXELS (kept literal so this module need not import the decoder's
 # NumPy and Pillow; tests/test_config.py checks that they agree).
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# model.masks.MASK_KINDS (literal for the same reason; tests/test_config.py checks).
+MaskKind = Literal["rectangle", "freeform", "mixed"]
 
 
 def flag(help: str, default: Any = dataclasses.MISSING) -> Any:
@@ -60,7 +62,7 @@ class TrainConfig:
     local_size: int = flag("local discriminator patch size (paper: 128)", 128)
     hole_min: int = flag("smallest hole side in pixels (paper: 96)", 96)
     hole_max: int = flag("largest hole side in pixels (paper: 128)", 128)
-    train_masks: Literal["rectangle", "freeform", "mixed"] = flag(
+    train_masks: MaskKind = flag(
         "training holes: rectangle (the paper's: hole_min..hole_max inside a local_size box), freeform "
         "(brush strokes; the local box is centred on their centre of mass) or mixed (each image's "
         "kind drawn from the seed, key and step); validation masks are always rectangles",
@@ -131,10 +133,7 @@ class TrainConfig:
                 f"image_size ({self.image_size}) and local_size ({self.local_size}) must be multiples of 4 "
                 "with local_size <= image_size"
             )
-        if not 1 <= self.hole_min <= self.hole_max <= self.local_size:
-            problems.append(
-                f"need 1 <= hole_min <= hole_max <= local_size, got {self.hole_min}..{self.hole_max}"
-            )
+        problems += hole_problems(self.local_size, self.hole_min, self.hole_max)
         if self.num_workers < 1 or self.batch_size % self.num_workers:
             problems.append(
                 f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})"
@@ -191,10 +190,23 @@ class BatchInferenceConfig:
         "none: generate masks",
         None,
     )
-    mask_generator: Literal["rectangle", "freeform"] = flag(
-        "mask generator when --masks is not given; seeded by --mask-seed and the image key", "rectangle"
+    mask_generator: MaskKind = flag(
+        "mask generator when --masks is not given (model/masks.py, the same as training's --train-masks); "
+        "seeded by --mask-seed and the image key",
+        "rectangle",
     )
     mask_seed: int = flag("seed of the generated masks (with the image key: reruns get the same masks)", 0)
+    local_size: int | None = flag(
+        "generated holes lie inside a box of this side (the local discriminator's patch), clipped to the "
+        "image's shorter side; default: the paper's 128 px, scaled down for images under 256 px",
+        None,
+    )
+    hole_min: int | None = flag(
+        "smallest generated rectangle hole side in pixels (with --hole-max); default: the paper's 96 "
+        "of 128, scaled with the box",
+        None,
+    )
+    hole_max: int | None = flag("largest generated rectangle hole side in pixels (with --hole-min)", None)
     batch_size: int = flag(
         "images per inference batch (split into same-size buckets); 0: 64 for GPU actors, 16 on CPU", 0
     )
@@ -295,6 +307,7 @@ class BatchInferenceConfig:
         if self.limit is not None and self.limit < 1:
             problems.append("--limit must be at least 1")
         problems += self.overlapping_prefixes()
+        problems += hole_problems(self.local_size, self.hole_min, self.hole_max)
         if self.run_id is not None:
             from pipeline.storage import UnsafeKeyError, safe_relative_key
 
@@ -325,6 +338,10 @@ class BatchInferenceConfig:
             for r_flag, r_uri in read.items()
             if overlaps(w_uri, r_uri)
         ]
+
+    @property
+    def hole_range(self) -> tuple[int, int] | None:
+        return (self.hole_min, self.hole_max) if self.hole_min is not None else None
 
     def inference_batch_size(self, gpus_per_actor: float) -> int:
         """``batch_size``, or its automatic value: 64 images fill a GPU's batch at 256x256 far
@@ -398,13 +415,13 @@ class EvaluateConfig(BatchInferenceConfig):
         "validation view); 0 = the full image",
         256,
     )
-    local_size: int = flag(
-        "rectangle holes lie inside a box of this side (the local discriminator's patch; clipped to "
-        "the image's shorter side)",
+    local_size: int | None = flag(
+        "generated holes lie inside a box of this side (the local discriminator's patch), clipped to the "
+        "image's shorter side",
         128,
     )
-    hole_min: int = flag("smallest rectangle hole side in pixels", 64)
-    hole_max: int = flag("largest rectangle hole side in pixels", 128)
+    hole_min: int | None = flag("smallest generated rectangle hole side in pixels", 64)
+    hole_max: int | None = flag("largest generated rectangle hole side in pixels", 128)
     grid_rows: int = flag(
         "rows of the comparison grid (input with hole | Telea | glcic | truth), the first ok images "
         "by key; 0 = no grid",
@@ -415,20 +432,25 @@ class EvaluateConfig(BatchInferenceConfig):
         problems = super().problems()
         if self.crop < 0:
             problems.append("--crop must be >= 0 (0 = the full image)")
-        if not 1 <= self.hole_min <= self.hole_max <= self.local_size:
-            problems.append(
-                f"need 1 <= hole_min <= hole_max <= local_size, got {self.hole_min}..{self.hole_max} "
-                f"in {self.local_size}"
-            )
-        if self.crop and self.local_size > self.crop:
+        if self.crop and self.local_size and self.local_size > self.crop:
             problems.append(f"--local-size ({self.local_size}) must fit in --crop ({self.crop})")
         if self.grid_rows < 0:
             problems.append("--grid-rows must be >= 0")
         return problems
 
-    @property
-    def hole_range(self) -> tuple[int, int]:
-        return (self.hole_min, self.hole_max)
+
+def hole_problems(local_size: int | None, hole_min: int | None, hole_max: int | None) -> list[str]:
+    """The one check of the hole flags, for training, evaluation and inpainting alike."""
+    if (hole_min is None) != (hole_max is None):
+        return ["give --hole-min and --hole-max together (or neither: the paper's sizes)"]
+    if local_size is not None and local_size < 1:
+        return ["--local-size must be at least 1"]
+    if hole_min is None:
+        return []
+    box = local_size if local_size is not None else 128  # model.masks.PAPER_LOCAL_SIZE
+    if not 1 <= hole_min <= hole_max <= box:
+        return [f"need 1 <= hole_min <= hole_max <= local_size, got {hole_min}..{hole_max} in {box}"]
+    return []
 
 
 def _at_least_one(config: Any, *names: str) -> list[str]:

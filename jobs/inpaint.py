@@ -64,6 +64,8 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
         max_pixels=config.max_pixels,
         endpoint_url=config.endpoint_url,
         write_masks=config.write_masks,
+        hole_range=config.hole_range,
+        local_size=config.local_size,
     )
     ds = read_stage(ds, config, read_options)
     ds = inference_stage(ds, config, postprocess=config.postprocess_on if config.postprocess else "none")

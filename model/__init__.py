@@ -30,7 +30,7 @@ _EXPORTS = {
         "crop_patches",
     ),
     "model.masks": (
-        "MASK_GENERATORS",
+        "MASK_KINDS",
         "RectangleMask",
         "derive_seed",
         "freeform_mask",
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
         crop_patches,
     )
     from model.masks import (  # noqa: F401
-        MASK_GENERATORS,
+        MASK_KINDS,
         RectangleMask,
         derive_seed,
         freeform_mask,

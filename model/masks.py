@@ -13,7 +13,6 @@ NumPy masks are HxW uint8 with 1 = hole.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -171,7 +170,7 @@ def freeform_box(mask: np.ndarray, local_size: int) -> tuple[int, int, int, int]
     return (y, x, local_size, local_size)
 
 
-TRAINING_MASKS = ("rectangle", "freeform", "mixed")
+MASK_KINDS = ("rectangle", "freeform", "mixed")  # every generator, for training, evaluation and inpainting
 
 
 def training_mask(
@@ -184,10 +183,10 @@ def training_mask(
     local_size: int,
     hole_range: tuple[int, int] | None = None,
 ) -> RectangleMask:
-    """A training hole and the local discriminator's box: ``rectangle_mask``, a ``freeform_mask``
-    in its ``freeform_box``, or for ``mixed`` one of the two drawn from ``(seed, key)``. A pure
-    function of ``(seed, key)`` like every mask here (the rectangle and free-form masks of a key
-    are the ones those generators give it alone)."""
+    """A hole and the local discriminator's box: ``rectangle_mask``, a ``freeform_mask`` in its
+    ``freeform_box``, or for ``mixed`` one of the two drawn from ``(seed, key)``. A pure function
+    of ``(seed, key)`` like every mask here (the rectangle and free-form masks of a key are the
+    ones those generators give it alone). The one route every job's masks take."""
     if kind == "mixed":
         kind = ("rectangle", "freeform")[int(mask_rng(seed, f"{key}#kind").integers(0, 2))]
     if kind == "rectangle":
@@ -195,23 +194,30 @@ def training_mask(
     if kind == "freeform":
         mask = freeform_mask(height, width, seed=seed, key=key)
         return RectangleMask(mask=mask, local_box=freeform_box(mask, local_size))
-    raise ValueError(f"unknown training mask kind {kind!r}; choose one of {list(TRAINING_MASKS)}")
+    raise ValueError(f"unknown mask kind {kind!r}; choose one of {list(MASK_KINDS)}")
 
 
-def _rectangle(height: int, width: int, *, seed: int, key: str = "") -> np.ndarray:
-    return rectangle_mask(height, width, seed=seed, key=key).mask
-
-
-MASK_GENERATORS: dict[str, Callable[..., np.ndarray]] = {
-    "rectangle": _rectangle,
-    "freeform": freeform_mask,
-}
-
-
-def generate_mask(kind: str, height: int, width: int, *, seed: int, key: str = "") -> np.ndarray:
-    """The ``kind`` mask (``MASK_GENERATORS``) for an image of ``height`` x ``width``."""
-    try:
-        generator = MASK_GENERATORS[kind]
-    except KeyError:
-        raise ValueError(f"unknown mask kind {kind!r}; choose one of {sorted(MASK_GENERATORS)}") from None
-    return generator(height, width, seed=seed, key=key)
+def generate_mask(
+    kind: str,
+    height: int,
+    width: int,
+    *,
+    seed: int,
+    key: str = "",
+    local_size: int | None = None,
+    hole_range: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The ``kind`` mask (``MASK_KINDS``) of an image of ``height`` x ``width``, through
+    ``training_mask``. ``local_size`` / ``hole_range`` default to the paper's sizes (scaled down
+    below 256 px); given, they are clipped to the image's shorter side, so one setting serves
+    images of every size."""
+    _check_size(height, width)
+    if local_size is None:
+        local_size = default_local_size(height, width)
+    else:
+        local_size = max(1, min(int(local_size), height, width))
+        if hole_range is not None:
+            hole_range = (min(int(hole_range[0]), local_size), min(int(hole_range[1]), local_size))
+    return training_mask(
+        kind, height, width, seed=seed, key=key, local_size=local_size, hole_range=hole_range
+    ).mask

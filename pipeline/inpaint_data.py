@@ -34,10 +34,11 @@ class ReadOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     endpoint_url: str | None = None
     write_masks: bool = False  # <output>/_masks/ then holds the masks: no output may land there
-    # The evaluation's view (jobs/evaluate.py); the inpainting job leaves these unset.
-    crop: int = 0  # > 0: shorter side resized to it, centre crop (decode.scale_and_crop), masks too
-    hole_range: tuple[int, int] | None = None  # rectangle hole sides, instead of the size-scaled default
+    # Generated holes (model.masks.generate_mask): None = the paper's sizes, scaled below 256 px.
+    hole_range: tuple[int, int] | None = None  # rectangle hole sides
     local_size: int | None = None  # ... inside a box of this side (both clipped to the image)
+    # The evaluation's view (jobs/evaluate.py); the inpainting job leaves it unset.
+    crop: int = 0  # > 0: shorter side resized to it, centre crop (decode.scale_and_crop), masks too
 
 
 def _read(uri: str, endpoint_url: str | None) -> bytes:
@@ -79,18 +80,13 @@ def _load_mask(key: str, height: int, width: int, options: ReadOptions) -> tuple
 
 
 def _generate_mask(key: str, height: int, width: int, options: ReadOptions) -> np.ndarray:
-    from model.masks import generate_mask, rectangle_mask
+    from model.masks import generate_mask
 
     try:
-        if options.mask_generator == "rectangle" and options.local_size is not None:
-            box = min(options.local_size, height, width)
-            lo, hi = options.hole_range or (box, box)
-            mask = rectangle_mask(
-                height, width, seed=options.mask_seed, key=key, hole_range=(min(lo, box), min(hi, box)),
-                local_size=box,
-            ).mask  # fmt: skip
-        else:
-            mask = generate_mask(options.mask_generator, height, width, seed=options.mask_seed, key=key)
+        mask = generate_mask(
+            options.mask_generator, height, width, seed=options.mask_seed, key=key,
+            local_size=options.local_size, hole_range=options.hole_range,
+        )  # fmt: skip
         return np.ascontiguousarray(mask, dtype=np.uint8)
     except Exception as e:
         raise RowError("mask_generation_failed", f"{type(e).__name__}: {e}") from None

@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 # The settings that decide what an input's output is: an ok row of a run whose values differ is
 # not this run's result. (Precision, batch sizes, the device and the actor pool do not count.)
 RESUME_SETTINGS = (
-    "images", "output", "output_format", "masks", "mask_generator", "mask_seed", "postprocess", "max_side",
-    "write_masks",
+    "images", "output", "output_format", "masks", "mask_generator", "mask_seed", "local_size", "hole_min",
+    "hole_max", "postprocess", "max_side", "write_masks",
 )  # fmt: skip
 _URI_SETTINGS = ("images", "output", "masks")
 _EMPTY = np.empty(0, dtype="S16")

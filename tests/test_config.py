@@ -1,6 +1,7 @@
 import dataclasses
 from typing import Literal
 
+import numpy as np
 import pytest
 
 from jobs.config import (
@@ -134,3 +135,34 @@ def test_a_job_never_writes_where_it_reads(tmp_path, monkeypatch):
         InpaintConfig(images="photos", output="link", checkpoint="c")
     InpaintConfig(images="photos", output="photos_completed", checkpoint="c")
     InpaintConfig(images="s3://b/photos", output="s3://b/photos-completed", checkpoint="c")
+
+
+def test_one_mask_route_for_every_job():
+    """The same generator kinds and the same hole check for training, evaluation and inpainting;
+    submit-inpaint's hole flags reach the masks it generates."""
+    import typing
+
+    from jobs.config import MaskKind, TrainConfig
+    from model.masks import MASK_KINDS, generate_mask
+    from pipeline.inpaint_data import ReadOptions, _generate_mask
+
+    assert typing.get_args(MaskKind) == MASK_KINDS
+    for make in (
+        lambda **k: TrainConfig(images="i", output="o", tc=1, td=0, t_train=2, **k),
+        lambda **k: InpaintConfig(images="i", output="o", **k),
+        lambda **k: EvaluateConfig(images="i", output="o", **k),
+    ):
+        with pytest.raises(ValueError, match=r"hole_min <= hole_max <= local_size, got 50\.\.40 in 64"):
+            make(local_size=64, hole_min=50, hole_max=40)
+    with pytest.raises(ValueError, match="--hole-min and --hole-max together"):
+        InpaintConfig(images="i", output="o", hole_min=8)
+    config = InpaintConfig(images="i", output="o", local_size=20, hole_min=10, hole_max=10)
+    options = ReadOptions(output="o", mask_seed=5, hole_range=config.hole_range, local_size=config.local_size)
+    mask = _generate_mask("a.jpg", 200, 300, options)
+    ys, xs = np.nonzero(mask)
+    assert (np.ptp(ys) + 1, np.ptp(xs) + 1, int(mask.sum())) == (10, 10, 100)
+    assert np.array_equal(mask, generate_mask("rectangle", 200, 300, seed=5, key="a.jpg", local_size=20,
+                                              hole_range=(10, 10)))  # fmt: skip
+    # Unset: the paper's sizes, as before the flags existed (golden values in test_masks.py).
+    default = _generate_mask("a.jpg", 200, 300, ReadOptions(output="o", mask_seed=5))
+    assert np.array_equal(default, generate_mask("rectangle", 200, 300, seed=5, key="a.jpg"))
