@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -86,23 +87,53 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         scale = 255.0 if np.nanmax(grey, initial=0.0) <= 1.0 else 1.0
         grey = np.nan_to_num(grey * scale, nan=0.0).clip(0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
-        # Drop alpha: the completion network sees colour only; the hole mask says what to fill.
+    if _has_alpha(img):
+        # The network sees colour only (the hole mask says what to fill); the alpha channel
+        # travels beside it (``Decoded.alpha``) and is written back with the completion.
         img = img.convert("RGBA")
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """HxWx3 uint8 RGB; raises ``DecodeError``."""
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+
+
+# Modes whose samples are 8-bit RGB, grey, palette or bilevel: their RGB (+ alpha) is the file's
+# pixels exactly. 16-bit, float, CMYK, LAB, ... are converted, so no output can be bit-exact.
+EXACT_MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "PA")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What the jobs keep of an input besides its RGB pixels, to write its completion back."""
+
+    rgb: np.ndarray  # HxWx3 uint8
+    alpha: np.ndarray | None  # HxW uint8 (orientation applied), or None without transparency
+    icc_profile: bytes | None  # the embedded colour profile, written back unchanged
+    exact: bool  # an 8-bit mode (EXACT_MODES): rgb + alpha are the file's pixels bit for bit
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """The image with its alpha and colour profile; raises ``DecodeError``."""
     img = _load(_open(data, max_pixels))
     try:
-        return _to_rgb(img)
+        rgb = _to_rgb(img)
+        alpha = None
+        if _has_alpha(img):
+            alpha = np.ascontiguousarray(np.asarray(img.convert("RGBA"), dtype=np.uint8)[..., 3])
     except DecodeError:
         raise
     except Exception as e:
         raise DecodeError(
             "corrupt", f"cannot convert {img.mode} image to RGB: {type(e).__name__}: {e}"
         ) from None
+    icc = img.info.get("icc_profile") or None
+    return Decoded(rgb=rgb, alpha=alpha, icc_profile=icc, exact=img.mode in EXACT_MODES)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """HxWx3 uint8 RGB; raises ``DecodeError``."""
+    return decode(data, max_pixels).rgb
 
 
 def decode_mask(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import storage
-from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_mask, scale_and_crop
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, decode_mask, scale_and_crop
 from pipeline.manifest import STATUS_ERROR, STATUS_OK
 from pipeline.naming import MASKS_FOLDER, output_key_for
 
@@ -107,6 +107,11 @@ def read_decode(batch: dict[str, np.ndarray], *, options: ReadOptions) -> dict[s
     }
     images: list[np.ndarray] = [EMPTY_IMAGE] * n
     masks: list[np.ndarray] = [EMPTY_MASK] * n
+    # Written back with the completion (pipeline/writer.py): alpha (EMPTY_MASK: none), the colour
+    # profile (b"": none), and whether the decoded pixels are the file's exactly.
+    alphas: list[np.ndarray] = [EMPTY_MASK] * n
+    profiles: list[bytes] = [b""] * n
+    exact = np.zeros(n, dtype=bool)
     width = np.zeros(n, dtype=np.int32)
     height = np.zeros(n, dtype=np.int32)
     hole = np.full(n, np.nan, dtype=np.float32)
@@ -146,10 +151,15 @@ def read_decode(batch: dict[str, np.ndarray], *, options: ReadOptions) -> dict[s
             read_s[i] = time.perf_counter() - start
             start = time.perf_counter()
             try:
-                image = decode_image(data, options.max_pixels)
+                decoded = decode(data, options.max_pixels)
             except DecodeError as e:
                 raise RowError(e.kind, str(e)) from None
             del data
+            image = decoded.rgb
+            if not options.crop:  # the evaluation's view writes nothing back
+                alphas[i] = decoded.alpha if decoded.alpha is not None else EMPTY_MASK
+                profiles[i] = decoded.icc_profile or b""
+                exact[i] = decoded.exact
             h, w = image.shape[:2]
             height[i], width[i] = h, w  # the image's own size, also with a crop
             if options.crop:
@@ -181,9 +191,13 @@ def read_decode(batch: dict[str, np.ndarray], *, options: ReadOptions) -> dict[s
     # batch of one (padded) size is one forward pass, where mixed photo sizes would split it in many.
     order = sorted(range(n), key=lambda i: (int(height[i]), int(width[i])))
     if order != list(range(n)):
-        keys, uris, images, masks = ([seq[i] for i in order] for seq in (keys, uris, images, masks))
+        keys, uris, images, masks, alphas, profiles = (
+            [seq[i] for i in order] for seq in (keys, uris, images, masks, alphas, profiles)
+        )
         rows = {name: [values[i] for i in order] for name, values in rows.items()}
-        width, height, hole, read_s, decode_s = (a[order] for a in (width, height, hole, read_s, decode_s))
+        width, height, hole, read_s, decode_s, exact = (
+            a[order] for a in (width, height, hole, read_s, decode_s, exact)
+        )
     return {
         "input_key": keys,
         "input_uri": uris,
@@ -197,4 +211,7 @@ def read_decode(batch: dict[str, np.ndarray], *, options: ReadOptions) -> dict[s
         "decode_s": decode_s,
         "image": images,
         "mask": masks,
+        "alpha": alphas,
+        "icc_profile": profiles,
+        "source_exact": exact,
     }

@@ -68,6 +68,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("hole_fraction", pa.float32()),
+        # ok rows: the output's known pixels (and alpha) are the input's bit for bit: an 8-bit
+        # source written losslessly (png; a jpeg/webp output or a 16-bit/CMYK source is not)
+        ("known_pixels_exact", pa.bool_()),
         ("status", pa.string()),  # ok / error (older manifests: also skipped)
         ("error_type", pa.string()),
         ("error_message", pa.string()),
@@ -113,6 +116,11 @@ def rows_to_table(rows: dict[str, list | np.ndarray], schema: pa.Schema = MANIFE
         elif pa.types.is_int32(f.type):  # sizes: width, height
             values = [int(v) if v else None for v in values]
         columns[f.name] = values
+    if "known_pixels_exact" in columns:  # said of outputs only
+        columns["known_pixels_exact"] = [
+            bool(v) if s == STATUS_OK else None
+            for v, s in zip(columns["known_pixels_exact"], columns["status"], strict=True)
+        ]
     if "mask_seed" in columns:
         columns["mask_seed"] = [
             int(seed) if generator else None

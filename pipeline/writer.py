@@ -33,8 +33,30 @@ OPENCV_ENCODERS = {
 }
 
 
-def encode(image: np.ndarray, encoder: str) -> bytes:
-    """HxWx3 RGB (or HxW grey) uint8 -> file bytes."""
+# Encoders whose files hold every 8-bit pixel exactly / that can hold an alpha channel.
+LOSSLESS_ENCODERS = ("png", "tiff", "bmp")
+ALPHA_ENCODERS = ("png", "tiff", "webp")
+PILLOW_OPTIONS = {"jpeg": {"quality": JPEG_QUALITY}, "webp": {"quality": WEBP_QUALITY},
+                  "png": {"compress_level": PNG_COMPRESSION}}  # fmt: skip
+
+
+def encode(
+    image: np.ndarray, encoder: str, alpha: np.ndarray | None = None, icc_profile: bytes | None = None
+) -> bytes:
+    """HxWx3 RGB (or HxW grey) uint8 -> file bytes; with ``alpha`` (HxW uint8) an RGBA file where
+    the format holds one (``ALPHA_ENCODERS``; a JPEG drops it), with ``icc_profile`` that profile
+    embedded. Those go through Pillow; the rest through OpenCV, about twice as fast."""
+    if alpha is not None and alpha.size and encoder in ALPHA_ENCODERS:
+        image = np.dstack([image, alpha])
+    elif alpha is None or not alpha.size:
+        alpha = None
+    if alpha is not None or icc_profile:
+        sink = io.BytesIO()
+        options = dict(
+            PILLOW_OPTIONS.get(encoder, {}), **({"icc_profile": icc_profile} if icc_profile else {})
+        )
+        Image.fromarray(image).save(sink, format=encoder.upper(), **options)
+        return sink.getvalue()
     if encoder in OPENCV_ENCODERS:
         suffix, params = OPENCV_ENCODERS[encoder]
         bgr = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -76,6 +98,7 @@ def encode_write(batch: dict[str, np.ndarray], *, options: WriteOptions) -> dict
     output_key = batch["output_key"].astype(object)
     mask_output_key = np.full(n, "", dtype=object)
     output_uri = np.full(n, "", dtype=object)
+    exact = np.zeros(n, dtype=bool)
     write_s = np.zeros(n, dtype=np.float32)
     tally = RowTally(options.run_id)  # counts each image as it is done, not when the task ends
     for i in range(n):
@@ -89,7 +112,18 @@ def encode_write(batch: dict[str, np.ndarray], *, options: WriteOptions) -> dict
             mask = batch["mask"][i]
             blended = "blended" in batch and bool(batch["blended"][i])
             final = _finish(batch["completed"][i], mask, options.postprocess and not blended)
-            data = encode(final, batch["encoder"][i])
+            encoder = batch["encoder"][i]
+            alpha = batch["alpha"][i] if "alpha" in batch else None
+            has_alpha = alpha is not None and alpha.size > 0
+            profile = bytes(batch["icc_profile"][i]) if "icc_profile" in batch else b""
+            data = encode(final, encoder, alpha if has_alpha else None, profile or None)
+            # Known pixels come back bit for bit only from an 8-bit source into a lossless file
+            # that also holds its alpha (post-processing changes the hole alone).
+            exact[i] = (
+                (bool(batch["source_exact"][i]) if "source_exact" in batch else False)
+                and encoder in LOSSLESS_ENCODERS
+                and (not has_alpha or encoder in ALPHA_ENCODERS)
+            )
             path = storage.join_key(root, output_key[i])
             if options.write_masks:
                 mask_key = mask_output_key_for(output_key[i])
@@ -107,7 +141,8 @@ def encode_write(batch: dict[str, np.ndarray], *, options: WriteOptions) -> dict
         write_s[i] = time.perf_counter() - start
         tally.row(batch, i, status[i], error_type[i], float(write_s[i]))
     tally.push()
-    out = {k: v for k, v in batch.items() if k not in ("completed", "mask", "encoder", "blended")}
+    dropped = ("completed", "mask", "encoder", "blended", "alpha", "icc_profile", "source_exact")
+    out = {k: v for k, v in batch.items() if k not in dropped}
     out.update(
         status=status,
         error_type=error_type,
@@ -115,6 +150,7 @@ def encode_write(batch: dict[str, np.ndarray], *, options: WriteOptions) -> dict
         output_key=output_key,
         output_uri=output_uri,
         mask_output_key=mask_output_key,
+        known_pixels_exact=exact,
         write_s=write_s,
     )
     return out

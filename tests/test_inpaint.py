@@ -601,3 +601,39 @@ def test_resume_redoes_what_other_settings_weights_or_deleted_outputs_made_stale
     again = run(InpaintConfig(checkpoint=other, **base))
     assert again["counts"] == {"ok": 0, "error": 0, "skipped": 3}
     assert again["resume"]["skipped_other_checkpoint"] == 0
+
+
+def test_alpha_colour_profiles_and_exactness_survive_the_job(ray_local, tmp_path, photos, checkpoint):
+    """Alpha and the ICC profile come back with the completion; the manifest says, per output,
+    whether its known pixels are the input's bit for bit (8-bit source, lossless output)."""
+    from PIL import ImageCms
+
+    rgb = crop(photos[2], 48, 64)
+    alpha = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    deep = crop(photos[3], 48, 64)[..., 0].astype(np.uint16) * 257
+    inputs = {
+        "rgba.png": encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG", icc_profile=srgb),
+        "rgb.png": encode(Image.fromarray(rgb), "PNG"),
+        "deep.png": encode(Image.fromarray(deep), "PNG"),
+        "photo.jpg": encode(Image.fromarray(rgb), "JPEG", quality=90),
+    }
+    write_objects(str(tmp_path / "in"), inputs)
+    config = InpaintConfig(images=str(tmp_path / "in"), output=str(tmp_path / "out"), checkpoint=checkpoint,
+                           output_format="same")  # fmt: skip
+    summary = run(config)
+    rows = {
+        r["input_key"]: r for r in read_manifest(f"{tmp_path}/out/_manifest", summary["run_id"]).to_pylist()
+    }
+    assert {k: r["known_pixels_exact"] for k, r in rows.items()} == {
+        "rgba.png": True, "rgb.png": True, "deep.png": False, "photo.jpg": False}  # fmt: skip
+    out = Image.open(tmp_path / "out" / "rgba.png")
+    assert out.mode == "RGBA" and out.info.get("icc_profile") == srgb
+    pixels = np.asarray(out)
+    np.testing.assert_array_equal(pixels[..., 3], alpha)  # alpha whole, hole included
+    hole = generate_mask("rectangle", 48, 64, seed=0, key="rgba.png").astype(bool)
+    np.testing.assert_array_equal(pixels[..., :3][~hole], rgb[~hole])
+    plain = np.asarray(Image.open(tmp_path / "out" / "rgb.png"))
+    assert plain.shape == (48, 64, 3) and np.array_equal(plain[~generate_mask(
+        "rectangle", 48, 64, seed=0, key="rgb.png").astype(bool)], rgb[~generate_mask(
+        "rectangle", 48, 64, seed=0, key="rgb.png").astype(bool)])  # fmt: skip

@@ -28,6 +28,7 @@ def rows(keys: list[str], statuses: list[str]) -> dict[str, list]:
         "width": [64 if o else 0 for o in ok],
         "height": [48 if o else 0 for o in ok],
         "hole_fraction": [0.25 if o else float("nan") for o in ok],
+        "known_pixels_exact": ok,
         "status": statuses,
         "error_type": ["" if o else "not_an_image" for o in ok],
         "error_message": ["" if o else "not a recognised image format" for o in ok],
