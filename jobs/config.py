@@ -263,6 +263,12 @@ class BatchInferenceConfig:
     channels_last: bool | None = flag(
         "channels_last memory format for the network; default: on when the actor computes on a GPU", None
     )
+    postprocess_on: Literal["auto", "actor", "writer"] = flag(
+        "where post-processing runs: actor = Poisson blending in torch on the inference device, batched "
+        "(model/poisson.py); writer = OpenCV's fast marching + seamlessClone in the CPU write tasks "
+        "(model/postprocess.py); auto = actor when the actor computes on a GPU, else writer",
+        "auto",
+    )
     actor_tasks_in_flight: int = flag(
         "batches queued at each inference actor, so the next one is fetched while the current one computes",
         4,
@@ -368,12 +374,6 @@ class InpaintConfig(BatchInferenceConfig):
     postprocess: bool = flag(
         "the paper's post-processing (fast marching + Poisson blending) of every output", True
     )
-    postprocess_on: Literal["auto", "actor", "writer"] = flag(
-        "where post-processing runs: actor = Poisson blending in torch on the inference device, batched "
-        "(model/poisson.py); writer = OpenCV's fast marching + seamlessClone in the CPU write tasks "
-        "(model/postprocess.py); auto = actor when the actor computes on a GPU, else writer",
-        "auto",
-    )
     skip_existing: bool = flag(
         "resume: skip inputs with an ok row in an earlier run of the manifest that had the same output, "
         "format, masks, mask seed and post-processing, and whose output still exists",
@@ -422,6 +422,12 @@ class EvaluateConfig(BatchInferenceConfig):
     )
     hole_min: int | None = flag("smallest generated rectangle hole side in pixels", 64)
     hole_max: int | None = flag("largest generated rectangle hole side in pixels", 128)
+    postprocess_on: Literal["auto", "actor", "writer"] = flag(
+        "the post-processing model_post is scored with, as submit-inpaint would run it: writer = OpenCV's "
+        "fast marching + seamlessClone (CPU write tasks), actor = the batched torch Poisson blend GPU "
+        "actors run (model/poisson.py); auto = actor when the inference actors get GPUs, else writer",
+        "auto",
+    )
     grid_rows: int = flag(
         "rows of the comparison grid (input with hole | Telea | glcic | truth), the first ok images "
         "by key; 0 = no grid",

@@ -41,6 +41,7 @@ from pipeline.batch_run import (
     actor_pool,
     inference_stage,
     listing_stage,
+    postprocess_path,
     predictor_kwargs,
     reachable_resources,
     read_stage,
@@ -71,15 +72,23 @@ def read_options(config: EvaluateConfig):
     )
 
 
-def build_dataset(config: EvaluateConfig):
+def scored_postprocess(config: EvaluateConfig) -> str:
+    """The post-processing ``model_post`` is scored with: the one submit-inpaint would run."""
+    import ray
+
+    return postprocess_path(config, actor_pool(config, ray.cluster_resources(), reachable_resources()))
+
+
+def build_dataset(config: EvaluateConfig, path: str):
     from pipeline.evaluation import evaluate_batch
 
     ds = listing_stage(config, exclude=(config.output,), output_format=None, run_id="")
     ds = read_stage(ds, config, read_options(config))
     ds = inference_stage(ds, config, keep_images=True)
     return ds.map_batches(
-        evaluate_batch, batch_size=config.task_batch_size, num_cpus=config.num_cpus_per_task
-    )
+        evaluate_batch, batch_size=config.task_batch_size, num_cpus=config.num_cpus_per_task,
+        fn_kwargs={"postprocess_path": path},
+    )  # fmt: skip
 
 
 def grid_png(config: EvaluateConfig, entries: list[tuple[str, str]]) -> bytes:
@@ -130,13 +139,12 @@ def run(config: EvaluateConfig) -> dict:
     started = time.time()
     # The rows go to parts in Ray Data write tasks, which sum them there: the driver gets one small
     # EvaluationTotals per part (the summary's sums, the grid's first keys), never the rows.
+    path = scored_postprocess(config)
+    print(f"model_post is post-processed as submit-inpaint's {path!r} path does it")
     evaluated = write_manifest(
-        build_dataset(config),
-        run,
-        config,
-        schema=EVALUATION_SCHEMA,
+        build_dataset(config, path), run, config, schema=EVALUATION_SCHEMA,
         totals=EvaluationTotals(config.grid_rows),
-    )
+    )  # fmt: skip
     totals, first = evaluated.summary, evaluated.first
     scored_s = time.time() - started
 
@@ -165,6 +173,7 @@ def run(config: EvaluateConfig) -> dict:
         "scoring_wall_s": round(scored_s, 3),
         "images_per_s": round(sum(totals.counts.values()) / scored_s, 3) if scored_s > 0 else None,
         "parts": evaluated.parts,
+        "postprocess_path": path,
         "grid": grid,
         "grid_error": grid_error,
         "grid_keys": [k for k, _ in first.entries()],

@@ -128,6 +128,17 @@ def listing_stage(
     return ds.limit(config.limit) if config.limit is not None else ds
 
 
+def postprocess_path(config, pool: ActorPool) -> str:
+    """Where ``--postprocess-on`` puts the post-processing for this pool, as the actors decide it:
+    ``actor`` (the torch Poisson blend, on the device) or ``writer`` (OpenCV, in the CPU tasks)."""
+    on_gpu = config.device == "cuda" or (config.device == "auto" and pool.num_gpus > 0)
+    return (
+        "actor"
+        if config.postprocess_on == "actor" or (config.postprocess_on == "auto" and on_gpu)
+        else "writer"
+    )
+
+
 def predictor_kwargs(config, pool: ActorPool, **extra) -> dict:
     """``InpaintPredictor``'s constructor arguments for this config."""
     return {

@@ -5,8 +5,11 @@ pixels, ``InpaintPredictor(keep_images=True)``). For every image it builds the f
 ``METHODS`` names on the same hole:
 
 - ``model_raw``: the network's output composited into the input (post-processing off);
-- ``model_post``: that output through the paper's post-processing (``model.postprocess.blend``),
-  exactly what ``jobs.inpaint`` writes by default;
+- ``model_post``: that output through the paper's post-processing as ``jobs.inpaint`` would run
+  it with the same ``--postprocess-on`` on the same device (``POSTPROCESS_PATHS``): OpenCV's
+  Telea fill + ``seamlessClone`` in the CPU write tasks (``writer``, ``model.postprocess.blend``),
+  or the batched torch Poisson solve GPU actors run (``actor``, ``model.poisson.poisson_blend``,
+  here on the scoring task's CPU: the same algorithm, to float rounding);
 - ``telea`` / ``ns``: OpenCV's fast marching (Telea 2004) and Navier-Stokes fills of the hole,
   radius 3 as in the post-processing (``model.evaluation.inpaint_baseline``);
 
@@ -64,18 +67,40 @@ COMPARISONS = (
 )
 
 
+POSTPROCESS_PATHS = ("writer", "actor")
+
+
+def postprocessed(image: np.ndarray, mask: np.ndarray, completed: np.ndarray, path: str) -> np.ndarray:
+    """``completed`` post-processed as the inpainting job's ``path`` does it (``POSTPROCESS_PATHS``)."""
+    if path == "writer":
+        from model.postprocess import blend
+
+        return blend(image, completed, mask)
+    if path != "actor":
+        raise ValueError(f"post-processing path must be one of {POSTPROCESS_PATHS}, not {path!r}")
+    from model.completion import images_to_tensor, masks_to_tensor, tensor_to_images
+    from model.poisson import poisson_blend
+
+    blended = poisson_blend(images_to_tensor(image[None]), images_to_tensor(completed[None]),
+                            masks_to_tensor(mask[None]))  # fmt: skip
+    return tensor_to_images(blended)[0]
+
+
 def method_results(
-    image: np.ndarray, mask: np.ndarray, completed: np.ndarray, timings: dict | None = None
+    image: np.ndarray,
+    mask: np.ndarray,
+    completed: np.ndarray,
+    timings: dict | None = None,
+    postprocess_path: str = "writer",
 ) -> dict[str, np.ndarray]:
     """The four ``METHODS``' uint8 results for one image, its hole ``mask`` and the network's
     composited ``completed`` image; ``timings`` (if given) gets each step's seconds."""
     from model.evaluation import inpaint_baseline
-    from model.postprocess import blend
 
     timings = timings if timings is not None else {}
     results = {"model_raw": completed}
     start = time.perf_counter()
-    results["model_post"] = blend(image, completed, mask)
+    results["model_post"] = postprocessed(image, mask, completed, postprocess_path)
     timings["postprocess_s"] = time.perf_counter() - start
     for method in ("telea", "ns"):
         start = time.perf_counter()
@@ -84,7 +109,7 @@ def method_results(
     return results
 
 
-def evaluate_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def evaluate_batch(batch: dict[str, np.ndarray], postprocess_path: str = "writer") -> dict[str, np.ndarray]:
     """Score every ``ok`` row (``image``, ``mask``, ``completed``); return the rows without pixels."""
     from model.evaluation import image_metrics
 
@@ -107,7 +132,7 @@ def evaluate_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             if not mask.any():
                 raise ValueError("the mask has no hole: nothing to evaluate")
             steps: dict[str, float] = {}
-            results = method_results(image, mask, completed, steps)
+            results = method_results(image, mask, completed, steps, postprocess_path)
             start = time.perf_counter()
             scores = image_metrics([results[m] for m in METHODS], image, mask)
             steps["metrics_s"] = time.perf_counter() - start
@@ -278,6 +303,11 @@ def summary_markdown(summary: dict) -> str:
         + (", ".join(summary["checkpoint_ids"]) or "-")
         + ".",
         "",
+        *(
+            [f"model_post: post-processed as submit-inpaint's `{summary['postprocess_path']}` path.", ""]
+            if summary.get("postprocess_path")
+            else []
+        ),
         "| method | PSNR (dB) | hole PSNR (dB) | SSIM | hole L1 |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]  # fmt: skip

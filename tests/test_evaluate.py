@@ -223,3 +223,32 @@ def test_masks_prefix_full_images(ray_local, tmp_path, photos, tiny_checkpoint):
     (expected,) = image_metrics([telea], truth, hole // 255)
     assert good["telea_psnr_hole"] == pytest.approx(expected["psnr_hole"], abs=1e-6)
     assert np.asarray(Image.open(Path(summary["grid"]))).shape == (h, 4 * w + 3 * 2, 3)
+
+
+def test_model_post_is_scored_with_the_path_the_job_would_run(ray_local, tmp_path, photos, tiny_checkpoint):
+    """On CPU actors submit-inpaint post-processes in the writer (OpenCV), on GPU actors with the
+    torch Poisson blend: evaluate scores the one the job would use (``--postprocess-on``)."""
+    from jobs.evaluate import run
+    from model.completion import images_to_tensor, masks_to_tensor, tensor_to_images
+    from model.poisson import poisson_blend
+    from pipeline.evaluation import method_results
+
+    truth = scale_and_crop(photos[0], CROP, None)
+    mask = rectangle_mask(CROP, CROP, seed=0, key="x", hole_range=HOLES, local_size=LOCAL).mask
+    raw = np.where(mask[..., None].astype(bool), 128, truth).astype(np.uint8)
+    expected = tensor_to_images(poisson_blend(images_to_tensor(truth[None]), images_to_tensor(raw[None]),
+                                              masks_to_tensor(mask[None])))[0]  # fmt: skip
+    np.testing.assert_array_equal(
+        method_results(truth, mask, raw, postprocess_path="actor")["model_post"], expected
+    )
+    np.testing.assert_array_equal(method_results(truth, mask, raw)["model_post"], blend(truth, raw, mask))
+
+    images = str(tmp_path / "in")
+    write_objects(images, {f"{i}.jpg": jpeg(photos[i], (128, 80)) for i in range(2)})
+    base = dict(images=images, checkpoint=tiny_checkpoint, crop=CROP, local_size=LOCAL, hole_min=HOLES[0],
+                hole_max=HOLES[1], grid_rows=0)  # fmt: skip
+    on_cpu = run(EvaluateConfig(output=str(tmp_path / "cpu"), **base))
+    as_gpu = run(EvaluateConfig(output=str(tmp_path / "gpu"), postprocess_on="actor", **base))
+    assert (on_cpu["postprocess_path"], as_gpu["postprocess_path"]) == ("writer", "actor")
+    assert on_cpu["methods"]["model_raw"] == as_gpu["methods"]["model_raw"]
+    assert on_cpu["methods"]["model_post"] != as_gpu["methods"]["model_post"]
