@@ -184,7 +184,7 @@ class PeakRSS:
         self.system_peak_sum = 0
         self.tree_peak_sum = 0
         self.hwm: dict[int, tuple[str, int]] = {}
-        # Ray names a worker process after the task it runs (``ray::MapBatches(list_images...)``):
+        # Ray names a worker process after the task it runs (``ray::MapBatches(list_todo...)``):
         # the largest RSS seen under each name is the memory of that stage's processes.
         self.title_peak: dict[str, int] = {}
         self.samples = 0

@@ -89,9 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
         wall_rerun, rerun = common.timed(lambda: run(config(manifest)))
         rerun_rows = read_manifest(str(manifest), rerun["run_id"]).num_rows
 
-        # Forget half of the work: a manifest that holds only the first run's parts up to half its rows.
+        # Forget half of the work: a manifest that holds only the first run's parts up to half its
+        # rows, and its _config.json (what a resume compares its settings with).
         half_manifest = work / "half_manifest"
         (first_dir,) = manifest.glob(f"run_id={first['run_id']}")
+        (half_manifest / first_dir.name).mkdir(parents=True)
+        shutil.copyfile(first_dir / "_config.json", half_manifest / first_dir.name / "_config.json")
         kept = 0
         for part in sorted(first_dir.glob("part-*.parquet")):
             if kept >= args.images // 2:

@@ -48,7 +48,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 
 def is_complete(fs, root: str) -> bool:
     """Whether the checkpoint at ``root`` is complete: its config.json, written last, exists."""
-    return fs.exists(storage.join_key(root, CONFIG_FILE))
+    return storage.exists(fs, storage.join_key(root, CONFIG_FILE))
 
 
 class CheckpointError(Exception):
@@ -145,7 +145,7 @@ def save_checkpoint(
     fs, root = storage.filesystem(uri, endpoint_url)
     config_path = storage.join_key(root, CONFIG_FILE)
     try:
-        fs.rm_file(config_path)
+        storage.with_retries(lambda: fs.rm_file(config_path))
     except FileNotFoundError:
         pass
 
@@ -239,7 +239,7 @@ class LoadedCheckpoint:
         return optimizer
 
 
-def _fetch(fs, root: str, name: str, uri: str) -> bytes:
+def _fetch(fs, root: str, name: str, uri: str, retries: dict | None = None) -> bytes:
     """The bytes of ``name``; FileNotFoundError passes through, any other failure names the URI."""
     path = storage.join_key(root, name)
 
@@ -250,7 +250,7 @@ def _fetch(fs, root: str, name: str, uri: str) -> bytes:
             raise CheckpointError(f"{uri}: cannot read {name}: {e}") from e
 
     try:
-        return storage.with_retries(read)
+        return storage.with_retries(read, **(retries or storage.DATA_RETRIES))
     except FileNotFoundError:
         raise
     except OSError as e:
@@ -309,14 +309,14 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], uri: str, na
     module.load_state_dict(state, strict=True)
 
 
-def _read_config(fs, root: str, uri: str) -> dict:
+def _read_config(fs, root: str, uri: str, retries: dict | None = None) -> dict:
     name = root.rstrip("/").rsplit("/", 1)[-1]
     if name in (CONFIG_FILE, GENERATOR_FILE, DISCRIMINATOR_FILE, OPTIMIZER_FILE):
         raise CheckpointError(
             f"{uri} is a file inside a checkpoint: pass the checkpoint's directory / prefix"
         )
     try:
-        raw = _fetch(fs, root, CONFIG_FILE, uri)
+        raw = _fetch(fs, root, CONFIG_FILE, uri, retries)
     except FileNotFoundError:
         raise CheckpointError(
             f"{uri}: no {CONFIG_FILE}: not a checkpoint, or an incomplete one ({CONFIG_FILE} is written last)"
@@ -362,7 +362,7 @@ def locate(uri: str, endpoint_url: str | None = None, *, fail_fast: bool = False
     resolved = resolve(uri)
     fs, root = storage.filesystem(resolved, endpoint_url, fail_fast=fail_fast)
     fs.invalidate_cache()
-    document = _read_config(fs, root, resolved)
+    document = _read_config(fs, root, resolved, storage.PREFLIGHT_RETRIES if fail_fast else None)
     try:
         checkpoint_id = document["files"][GENERATOR_FILE]["sha256"][:16]
     except (KeyError, TypeError):

@@ -11,9 +11,9 @@ pixels, ``InpaintPredictor(keep_images=True)``). For every image it builds the f
   or the batched torch Poisson solve GPU actors run (``actor``, ``model.poisson.poisson_blend``,
   here on the scoring task's CPU: the same algorithm, to float rounding);
 - ``telea`` / ``ns``: OpenCV's fast marching (Telea 2004) and Navier-Stokes fills of the hole,
-  radius 3 as in the post-processing (``model.evaluation.inpaint_baseline``);
+  radius 3 as in the post-processing (``model.quality.inpaint_baseline``);
 
-and scores each against the input (the truth) with ``model.evaluation.image_metrics``. Only the
+and scores each against the input (the truth) with ``model.quality.image_metrics``. Only the
 small result rows (no pixels) leave the task. Nothing here raises on bad input: a row that cannot
 be scored becomes an ``error`` row (``mask_no_hole``, ``evaluation_failed``).
 """
@@ -32,7 +32,7 @@ import pyarrow as pa
 from pipeline.manifest import STATUS_ERROR, STATUS_OK
 
 METHODS = ("model_raw", "model_post", "telea", "ns")
-METRIC_NAMES = ("psnr", "psnr_hole", "ssim", "hole_l1")  # model.evaluation.METRICS (no torch import here)
+METRIC_NAMES = ("psnr", "psnr_hole", "ssim", "hole_l1")  # model.quality.METRICS (no torch import here)
 METRIC_COLUMNS = tuple(f"{method}_{metric}" for method in METHODS for metric in METRIC_NAMES)
 TIMING_COLUMNS = ("read_s", "decode_s", "inference_s", "postprocess_s", "telea_s", "ns_s", "metrics_s")
 
@@ -95,7 +95,7 @@ def method_results(
 ) -> dict[str, np.ndarray]:
     """The four ``METHODS``' uint8 results for one image, its hole ``mask`` and the network's
     composited ``completed`` image; ``timings`` (if given) gets each step's seconds."""
-    from model.evaluation import inpaint_baseline
+    from model.quality import inpaint_baseline
 
     timings = timings if timings is not None else {}
     results = {"model_raw": completed}
@@ -111,7 +111,7 @@ def method_results(
 
 def evaluate_batch(batch: dict[str, np.ndarray], postprocess_path: str = "writer") -> dict[str, np.ndarray]:
     """Score every ``ok`` row (``image``, ``mask``, ``completed``); return the rows without pixels."""
-    from model.evaluation import image_metrics
+    from model.quality import image_metrics
 
     n = len(batch["input_key"])
     status = batch["status"].astype(object)
@@ -343,7 +343,7 @@ HOLE_COLOUR = (255, 255, 255)
 
 def grid_row(image: np.ndarray, mask: np.ndarray, completed: np.ndarray) -> list[np.ndarray]:
     """One grid row: input with its hole painted white | Telea | glcic (raw) | truth."""
-    from model.evaluation import inpaint_baseline
+    from model.quality import inpaint_baseline
 
     hole = mask.astype(bool)[..., None]
     masked = np.where(hole, np.array(HOLE_COLOUR, np.uint8), image)

@@ -20,7 +20,7 @@ from pipeline.storage import LIST_FILE_SUFFIXES
 
 
 def is_list_file(fs, path: str) -> bool:
-    return path.lower().endswith(LIST_FILE_SUFFIXES) and fs.isfile(path)
+    return path.lower().endswith(LIST_FILE_SUFFIXES) and storage.isfile(fs, path)
 
 
 def _list_file_entry(list_dir_uri: str, line: str) -> tuple[str, str]:
@@ -35,7 +35,7 @@ def _list_file_entry(list_dir_uri: str, line: str) -> tuple[str, str]:
 
 def _walk_prefix(fs, root: str, exclude: tuple[str, ...]) -> Iterator[list[str]]:
     """Pages of object paths under ``root`` (``storage.iter_object_pages``; a file: itself)."""
-    if fs.isfile(root):
+    if storage.isfile(fs, root):
         yield [root]
         return
     yield from storage.iter_object_pages(fs, root, exclude)

@@ -50,10 +50,10 @@ STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_SKIPPED)
 SUCCESS_FILE = "_SUCCESS.json"
 RUN_CONFIG_FILE = "_config.json"  # a run's config (a checkpoint's is checkpoint.CONFIG_FILE)
 
-# A run's rows reach storage only through these writes, and one that gives up ends the run (the
-# driver raises), so they outlast a storage outage longer than an image's own read or write
-# does: about 30 to 60 s of backoff instead of 4 to 8.
-MANIFEST_WRITE_RETRIES = {"attempts": 8, "max_delay": 30.0}
+# A run's rows reach storage only through these writes, and one that gives up ends the run (its
+# write task raises), so they outlast a storage outage longer than an image's own read or write
+# does: 61 to 122 s of backoff instead of 12 to 24 (storage.DATA_RETRIES; RELIABILITY.md, "Retries").
+MANIFEST_WRITE_RETRIES = {"attempts": 10, "max_delay": 30.0}
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -149,7 +149,7 @@ def run_dirs(fs, root: str) -> list[str]:
     # a worker that listed this prefix during an earlier run would not see that run's parts.
     fs.invalidate_cache()
     try:
-        runs = fs.ls(root, detail=False)
+        runs = storage.ls(fs, root)
     except FileNotFoundError:
         return []
     return sorted(r for r in runs if posixpath.basename(r.rstrip("/")).startswith("run_id="))
@@ -169,7 +169,7 @@ def part_paths(fs, root: str) -> list[str]:
     parts = []
     for run in run_dirs(fs, root):
         try:
-            names = fs.ls(run, detail=False)
+            names = storage.ls(fs, run)
         except FileNotFoundError:
             continue
         parts += sorted(
@@ -181,7 +181,7 @@ def part_paths(fs, root: str) -> list[str]:
 def run_exists(manifest: str, run_id: str, endpoint_url: str | None = None) -> bool:
     fs, path = storage.filesystem(run_prefix(manifest, run_id), endpoint_url)
     fs.invalidate_cache()
-    return bool(fs.exists(path))
+    return storage.exists(fs, path)
 
 
 def write_summary(manifest: str, run_id: str, summary: dict, endpoint_url: str | None = None) -> str:

@@ -24,7 +24,15 @@ ENDPOINT_ENV_VARS = ("GLCIC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOI
 # S3 client tuning, read in every process that opens a filesystem (Ray workers inherit it).
 S3_CONNECT_TIMEOUT_ENV = "GLCIC_S3_CONNECT_TIMEOUT_S"
 S3_READ_TIMEOUT_ENV = "GLCIC_S3_READ_TIMEOUT_S"
-S3_MAX_ATTEMPTS_ENV = "GLCIC_S3_MAX_ATTEMPTS"
+
+# The one retry layer (``with_retries``): botocore and s3fs make one attempt each, so these are the
+# attempts a request gets, and the worst case is theirs alone (RELIABILITY.md, "Retries").
+DATA_RETRIES = {"attempts": 7, "base_delay": 0.5, "max_delay": 8.0}  # images, masks, listings, checkpoints
+PREFLIGHT_RETRIES = {
+    "attempts": 2,
+    "base_delay": 0.5,
+    "max_delay": 0.5,
+}  # the CLI's checks: answer in seconds
 
 T = TypeVar("T")
 
@@ -68,39 +76,25 @@ def _env_float(name: str, default: float) -> float:
     return parsed
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if not value:
-        return default
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, not {value!r}")
-    return int(value)
-
-
 def storage_options_for(uri: str, endpoint_url: str | None = None, *, fail_fast: bool = False) -> dict:
-    """fsspec storage options for ``uri``; only S3 needs any (its endpoint, timeouts and retries).
+    """fsspec storage options for ``uri``; only S3 needs any (its endpoint and timeouts).
 
-    ``fail_fast``: two attempts and short timeouts, for a client-side check that must answer in
-    seconds rather than retry for minutes.
+    Neither botocore nor s3fs retries (one attempt each): ``with_retries`` is the one layer, so a
+    request's attempts are its caller's, not three layers multiplied. ``fail_fast``: shorter
+    timeouts, for a client-side check that must answer in seconds.
     """
     if protocol_of(uri) in ("s3", "s3a"):
         endpoint = endpoint_url or endpoint_url_from_env()
         opts: dict = {}
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
-        # Retries with backoff on throttling and connection errors are botocore's job; ask for more
-        # than its default so a storage hiccup of a few seconds does not fail an image. A frozen or
-        # partitioned server accepts connections and then never answers: the timeouts turn that
-        # into an error botocore retries instead of a request that hangs.
+        # A frozen or partitioned server accepts connections and then never answers: the timeouts
+        # turn that into an error with_retries retries instead of a request that hangs.
         opts["config_kwargs"] = {
-            "retries": {"max_attempts": _env_int(S3_MAX_ATTEMPTS_ENV, 10), "mode": "standard"},
-            "connect_timeout": _env_float(S3_CONNECT_TIMEOUT_ENV, 10.0),
-            "read_timeout": _env_float(S3_READ_TIMEOUT_ENV, 30.0),
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+            "connect_timeout": 5 if fail_fast else _env_float(S3_CONNECT_TIMEOUT_ENV, 10.0),
+            "read_timeout": 15 if fail_fast else _env_float(S3_READ_TIMEOUT_ENV, 30.0),
         }
-        if fail_fast:
-            opts["config_kwargs"] = {
-                "retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 15,
-            }  # fmt: skip
         return opts
     return {}
 
@@ -119,6 +113,8 @@ def filesystem(
         if protocol_of(uri) in ("s3", "s3a"):
             options["use_listings_cache"] = False
     fs, path = fsspec.core.url_to_fs(uri, **options)
+    if hasattr(fs, "retries") and protocol_of(uri) in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's own loop (a class attribute, no option): one attempt, with_retries decides
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
 
@@ -139,7 +135,8 @@ def holds_objects(uri: str, endpoint_url: str | None = None) -> bool:
     asked failing fast (a client-side check). One small request on S3 (``MaxKeys=1``): an input
     prefix may hold millions of objects."""
     fs, path = filesystem(uri, endpoint_url, fail_fast=True)
-    try:
+
+    def ask() -> bool:
         if hasattr(fs, "call_s3") and hasattr(fs, "split_path"):
             bucket, key, _ = fs.split_path(path)
             prefix = f"{key.rstrip('/')}/" if key else ""
@@ -148,6 +145,9 @@ def holds_objects(uri: str, endpoint_url: str | None = None) -> bool:
         if fs.isfile(path):
             return True
         return fs.isdir(path) and next(iter(fs.find(path, withdirs=False)), None) is not None
+
+    try:
+        return with_retries(ask, **PREFLIGHT_RETRIES)
     except (FileNotFoundError, NotADirectoryError):
         return False
 
@@ -354,28 +354,59 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return fs.cat_file(path)
 
 
+def isfile(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """``fs.isfile`` through the retry layer (a HEAD on S3)."""
+    return with_retries(lambda: fs.isfile(path))
+
+
+def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    return with_retries(lambda: fs.exists(path))
+
+
+def ls(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The names directly under ``path`` (FileNotFoundError when there is no such folder)."""
+    return with_retries(lambda: fs.ls(path, detail=False))
+
+
 def transient_errors() -> tuple[type[BaseException], ...]:
     """What ``with_retries`` retries by default: OS-level errors, and botocore's connection and
     HTTP errors, which s3fs raises as they are (a refused connection while a server restarts is a
     ``botocore.exceptions.EndpointConnectionError``, no ``OSError``)."""
-    errors: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+    import http.client
+
+    # A body cut short (IncompleteRead) is no OSError either; s3fs's own loop, now one attempt,
+    # used to retry it.
+    errors: tuple[type[BaseException], ...] = (
+        OSError,
+        TimeoutError,
+        ConnectionError,
+        http.client.HTTPException,
+    )
     try:
         from botocore.exceptions import ConnectionError as BotocoreConnectionError
         from botocore.exceptions import HTTPClientError
+        from botocore.parsers import ResponseParserError  # throttling replies can be invalid XML
     except ImportError:  # no S3 support installed: nothing of botocore's can be raised
         return errors
-    return (*errors, BotocoreConnectionError, HTTPClientError)
+    errors = (*errors, BotocoreConnectionError, HTTPClientError, ResponseParserError)
+    try:
+        from aiohttp import ClientPayloadError, ServerDisconnectedError
+    except ImportError:  # s3fs without aiohttp: it cannot raise these
+        return errors
+    return (*errors, ClientPayloadError, ServerDisconnectedError)
 
 
 def with_retries(
     fn: Callable[[], T],
     *,
-    attempts: int = 5,
-    base_delay: float = 0.5,
-    max_delay: float = 8.0,
+    attempts: int = DATA_RETRIES["attempts"],
+    base_delay: float = DATA_RETRIES["base_delay"],
+    max_delay: float = DATA_RETRIES["max_delay"],
     retry_on: tuple[type[BaseException], ...] | None = None,
 ) -> T:
-    """Call ``fn`` and retry transient storage errors with jittered exponential backoff.
+    """Call ``fn`` and retry transient storage errors with jittered exponential backoff: the one
+    retry layer of object storage (the clients under it make one attempt each). The k-th retry
+    waits ``min(max_delay, base_delay * 2**k)`` times a uniform factor in [0.5, 1].
 
     ``retry_on`` defaults to ``transient_errors()``. ``FileNotFoundError`` and
     ``PermissionError`` are not transient: they are raised at once.

@@ -50,7 +50,7 @@ def image_pages(source: str, endpoint_url: str | None = None) -> Iterator[tuple[
     from pipeline.listing import iter_entries
 
     fs, root = storage.filesystem(source, endpoint_url)
-    if not fs.exists(root):
+    if not storage.exists(fs, root):
         raise NoImagesError(f"{source}: no such prefix")
     entries = iter_entries(source, endpoint_url)
     while page := list(itertools.islice(entries, storage.LIST_PAGE_KEYS)):

@@ -271,11 +271,11 @@ def test_a_failing_job_exits_non_zero(head, inputs):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: job cli-fails FAILED"
-    assert "no complete checkpoint" in result.stdout  # the job's own error, followed in its logs
+    assert "not a checkpoint, or an incomplete one" in result.stdout  # the job's own error, in its logs
     follow = glcic_here("logs", "cli-fails", "--follow", "--address", head.address)
     assert follow.returncode == 1 and "error: job cli-fails FAILED" in follow.stderr
     status = glcic_here("status", "cli-fails", "--address", head.address)
-    assert "FAILED" in status.stdout and "no complete checkpoint" in status.stdout  # the message's tail
+    assert "FAILED" in status.stdout and "an incomplete one" in status.stdout  # the message's tail
     assert max(len(line) for line in status.stdout.splitlines()) < 500, "a readable table"
 
 

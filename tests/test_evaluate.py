@@ -20,10 +20,10 @@ from PIL import Image
 
 from jobs.config import EvaluateConfig
 from model.completion import images_to_tensor, masks_to_tensor
-from model.evaluation import PSNR_CAP, image_metrics, inpaint_baseline
 from model.losses import hole_l1, psnr, ssim
 from model.masks import rectangle_mask
 from model.postprocess import blend
+from model.quality import PSNR_CAP, image_metrics, inpaint_baseline
 from pipeline.decode import decode_image, scale_and_crop
 from pipeline.evaluation import EVALUATION_COLUMNS, METHODS, METRIC_COLUMNS, grid_image
 from pipeline.manifest import read_manifest

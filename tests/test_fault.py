@@ -350,11 +350,10 @@ def test_s3_outage_mid_run_is_retried_and_a_rerun_completes(ray_local, tmp_path,
         argv = [sys.executable, "-m", "jobs.inpaint", "--images", "s3://fault/in", "--output", output,
                 "--checkpoint", checkpoint, "--no-postprocess", "--batch-size", "2", "--task-batch-size", "2",
                 "--manifest-rows-per-part", "2", "--num-actors", "1", "--num-cpus-per-actor", "0.5"]  # fmt: skip
-        # Short client timeouts and fewer botocore attempts so that the outage outlasts them: the
-        # retries of s3fs and of the pipeline (storage.with_retries) must carry requests through.
+        # Short client timeouts so that the outage outlasts many attempts: the one retry layer
+        # (storage.with_retries; botocore and s3fs make one attempt each) must carry requests through.
         env = _subprocess_env({
-            "GLCIC_S3_ENDPOINT_URL": endpoint, "GLCIC_S3_CONNECT_TIMEOUT_S": "1",
-            "GLCIC_S3_READ_TIMEOUT_S": "2", "GLCIC_S3_MAX_ATTEMPTS": "2",
+            "GLCIC_S3_ENDPOINT_URL": endpoint, "GLCIC_S3_CONNECT_TIMEOUT_S": "1", "GLCIC_S3_READ_TIMEOUT_S": "2",
         })  # fmt: skip
         fs, out_root = storage.filesystem(output, endpoint)
         log_path = tmp_path / "first.log"
@@ -479,8 +478,8 @@ def test_fuzzed_images_and_masks_each_end_as_one_row(ray_local, tmp_path, photos
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("outage", ["frozen", "restarted"])
 def test_a_request_survives_the_server_going_away(s3_server, tmp_path, monkeypatch, outage):
-    """One GET issued while the server is frozen or down, with client timeouts and botocore
-    attempts far shorter than the outage: storage.with_retries carries it until the server is
+    """One GET issued while the server is frozen or down, with client timeouts far shorter than the
+    outage (and one botocore attempt, as always): storage.with_retries carries it until the server is
     back. A refused connection (botocore's EndpointConnectionError) is no OSError, so this
     failed at once before ``storage.transient_errors``."""
     down_s = 3.0
@@ -489,7 +488,6 @@ def test_a_request_survives_the_server_going_away(s3_server, tmp_path, monkeypat
         server.filesystem().pipe_file("fault/key", b"payload")
         monkeypatch.setenv(storage.S3_CONNECT_TIMEOUT_ENV, "1")
         monkeypatch.setenv(storage.S3_READ_TIMEOUT_ENV, "1")
-        monkeypatch.setenv(storage.S3_MAX_ATTEMPTS_ENV, "1")
         fs, path = storage.filesystem("s3://fault/key", server.endpoint_url)
         back: list[LocalS3Server] = []
         if outage == "frozen":
@@ -526,7 +524,6 @@ def test_a_manifest_write_outlasts_a_longer_restart(s3_server, tmp_path, monkeyp
     back: list[LocalS3Server] = []
     try:
         monkeypatch.setenv(storage.S3_CONNECT_TIMEOUT_ENV, "1")
-        monkeypatch.setenv(storage.S3_MAX_ATTEMPTS_ENV, "1")
         keys = ["a.jpg", "b.jpg"]
         table = rows_to_table(
             {
@@ -552,6 +549,7 @@ def test_a_manifest_write_outlasts_a_longer_restart(s3_server, tmp_path, monkeyp
                 "mask_seed": [0, 0],
                 "width": [0, 0],
                 "height": [0, 0],
+                "known_pixels_exact": [False, False],
             }
             | {name: [0.0, 0.0] for name in ("hole_fraction", "read_s", "decode_s", "inference_s", "write_s")}
         )
@@ -574,3 +572,21 @@ def test_a_manifest_write_outlasts_a_longer_restart(s3_server, tmp_path, monkeyp
         for restarted in back:
             restarted.stop()
         server.stop()
+
+
+def test_the_retry_layer_knows_the_errors_of_every_client_under_it():
+    """botocore and s3fs make one attempt each, so every transient error they can raise must be
+    one with_retries retries (an import that moved once made it retry none of botocore's)."""
+    import http.client
+
+    import aiohttp
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+    from botocore.parsers import ResponseParserError
+
+    transient = storage.transient_errors()
+    for error in (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ResponseParserError,
+                  http.client.IncompleteRead, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                  ConnectionRefusedError, TimeoutError):  # fmt: skip
+        assert issubclass(error, transient), error
+    fs, _ = storage.filesystem("s3://bucket/key", "http://127.0.0.1:1")
+    assert fs.retries == 1 and fs.config_kwargs["retries"]["total_max_attempts"] == 1

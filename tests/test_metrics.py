@@ -105,16 +105,19 @@ def test_status_shows_live_counts_and_prometheus_scrapes_them(head, inputs, s3_s
         [*GLCIC, "submit-inpaint", "--images", f"{inputs}/photos", "--output", out,
          "--checkpoint", f"{inputs}/model", "--num-actors", "1", "--num-cpus-per-actor", "0.5",
          "--num-cpus-per-task", "0.25", "--batch-size", "2", "--task-batch-size", "4",
-         "--log-every-s", "0.5", "--job-id", "metrics-run", "--address", head.address],
+         "--log-every-s", "0.5", "--manifest-rows-per-part", "4", "--job-id", "metrics-run",
+         "--address", head.address],
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, cwd=REPO,
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     run_id = re.search(r"run id:\s+(\S+)", submitted.stdout).group(1)  # chosen at submit
-    assert f"manifest:  {out}/_manifest/run_id={run_id}" in submitted.stdout
+    assert re.search(rf"manifest: +{re.escape(out)}/_manifest/run_id={run_id}\n", submitted.stdout)
     submit_s = time.monotonic() - started
 
-    # While it runs, `glcic status` shows counts from the progress file the driver rewrites.
+    # While it runs, `glcic status` shows counts from the progress file the driver rewrites. (Parts
+    # of 4 rows: the write tasks, fused with encode/write, then finish a few images at a time
+    # rather than all 25 in one burst at the end, which a poll could miss.)
     live = []
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
