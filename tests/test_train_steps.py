@@ -317,12 +317,16 @@ def test_the_steps_run_under_a_real_bf16_autocast_on_cpu():
     opt_g = make_optimizer("adam", generator.parameters(), 1e-3)
     opt_d = make_optimizer("adam", discriminator.parameters(), 1e-3)
     amp = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-    for phase in (1, 2, 3):
-        losses = train_step(
-            phase, generator, discriminator, opt_g, opt_d, images, masks, boxes,
-            mean_pixel=MEAN, local_size=16, alpha=0.1, autocast=amp,
-        )  # fmt: skip
-        assert all(np.isfinite(v) for v in losses.values()), (phase, losses)
+    # oneDNN's bf16 CPU kernels (torch 2.13 CPU wheel) returned NaN discriminator logits in phase 3
+    # with one OpenMP thread, depending on which libraries the process had loaded before: a CPU
+    # kernel issue, not the steps'. Torch's own bf16 kernels still run a real bf16 autocast here.
+    with torch.backends.mkldnn.flags(enabled=False):
+        for phase in (1, 2, 3):
+            losses = train_step(
+                phase, generator, discriminator, opt_g, opt_d, images, masks, boxes,
+                mean_pixel=MEAN, local_size=16, alpha=0.1, autocast=amp,
+            )  # fmt: skip
+            assert all(np.isfinite(v) for v in losses.values()), (phase, losses)
     assert all(p.dtype == torch.float32 for p in generator.parameters())
 
 
