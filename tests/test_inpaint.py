@@ -7,6 +7,7 @@ every ``ok`` output is decoded and compared with its input outside the hole.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -361,6 +362,32 @@ def _subprocess_env(extra: dict | None = None) -> dict:
     return env
 
 
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL everything the job started, the way a lost machine stops it: all at once.
+
+    Ray's workers put themselves in process groups of their own, so a killpg of the driver's group
+    leaves them running until they notice the raylet is gone, and one can still write a manifest
+    part after the test has counted them. They all stay in the session the test gave the driver.
+    """
+    deadline = time.time() + 30
+    while True:
+        alive = []
+        for entry in os.listdir("/proc"):
+            try:
+                # /proc/PID/stat after the command's ")": state ppid pgrp session ...
+                state, _, _, session = Path("/proc", entry, "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            except (OSError, ValueError):
+                continue  # not a process, or gone already
+            if int(session) == proc.pid and state != "Z":  # a zombie has stopped already
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry), signal.SIGKILL)
+                alive.append(entry)
+        if not alive or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    proc.wait()
+
+
 def test_gpu_actors_pinned_and_killed_actor_recovers(tmp_path, photos):
     """Logical GPUs: each actor holds its own GPU id; an actor killed mid-batch is restarted."""
     images = str(tmp_path / "in")
@@ -431,8 +458,7 @@ def test_killed_driver_then_resume(ray_local, tmp_path, photos, checkpoint):
         while time.time() < deadline and not list(manifest.glob("run_id=*/part-*.parquet")):
             time.sleep(0.1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_session(proc)
     (first_run,) = manifest.glob("run_id=*")
     assert not (first_run / "_SUCCESS.json").exists(), "the job finished before it could be killed"
     done_before = sum(pq.read_table(p).num_rows for p in first_run.glob("part-*.parquet"))
