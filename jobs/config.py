@@ -403,7 +403,7 @@ class InpaintConfig(BatchInferenceConfig):
 
 @dataclass(kw_only=True)
 class EvaluateConfig(BatchInferenceConfig):
-    """Score the generator against OpenCV's Telea and Navier-Stokes fills on the same seeded holes:
+    """Score the generator against OpenCV's Telea and Navier-Stokes fills and PatchMatch on the same seeded holes:
     hole PSNR, SSIM and hole L1 per image as Parquet rows, a summary (JSON + Markdown) and a grid PNG."""
 
     output: str = flag(
@@ -429,7 +429,7 @@ class EvaluateConfig(BatchInferenceConfig):
         "auto",
     )
     grid_rows: int = flag(
-        "rows of the comparison grid (input with hole | Telea | glcic | truth), the first ok images "
+        "rows of the comparison grid (input with hole | Telea | PatchMatch | glcic | truth), the first ok images "
         "by key; 0 = no grid",
         8,
     )

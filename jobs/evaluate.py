@@ -1,4 +1,4 @@
-"""Evaluation: the generator against OpenCV's Telea and Navier-Stokes fills on the same holes.
+"""Evaluation: the generator against OpenCV's Telea and Navier-Stokes fills and PatchMatch on the same holes.
 
     python -m jobs.evaluate --images s3://bucket/val --output s3://bucket/eval \\
         --checkpoint s3://bucket/checkpoints/final
@@ -6,7 +6,7 @@
 The inpainting job's listing, reading and inference, then a scoring stage (Ray Data operators)::
 
     list_images -> read_decode (crop, seeded mask) -> InpaintPredictor (actor pool, keep_images)
-        -> evaluate_batch (tasks: post-processing, Telea, Navier-Stokes, metrics)
+        -> evaluate_batch (tasks: post-processing, Telea, Navier-Stokes, PatchMatch, metrics)
 
 Each image is viewed as the trainer's validation views it (``--crop``: shorter side resized to it,
 centre crop; 0 = the whole image) with a hole drawn from ``--mask-seed`` and its key (rectangles of
@@ -16,7 +16,7 @@ manifest's conventions, ``pipeline/manifest.py``):
 
     _config.json        the EvaluateConfig
     part-<hash>.parquet one row per input (``pipeline.evaluation.EVALUATION_SCHEMA``)
-    _grid.png           input with hole | Telea | glcic (raw) | truth, the first --grid-rows ok images by key
+    _grid.png           input with hole | Telea | PatchMatch | glcic (raw) | truth, the first --grid-rows ok keys
     _summary.md         the summary as Markdown tables
     _SUCCESS.json       the summary (means per method, comparisons, counts, timings); written last
 

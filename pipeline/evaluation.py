@@ -1,7 +1,7 @@
 """The evaluation job's scoring stage, its Parquet rows, its summary and its comparison grid.
 
 ``evaluate_batch`` runs as Ray Data tasks after the inference actors (which keep each row's input
-pixels, ``InpaintPredictor(keep_images=True)``). For every image it builds the four results
+pixels, ``InpaintPredictor(keep_images=True)``). For every image it builds the five results
 ``METHODS`` names on the same hole:
 
 - ``model_raw``: the network's output composited into the input (post-processing off);
@@ -12,6 +12,8 @@ pixels, ``InpaintPredictor(keep_images=True)``). For every image it builds the f
   here on the scoring task's CPU: the same algorithm, to float rounding);
 - ``telea`` / ``ns``: OpenCV's fast marching (Telea 2004) and Navier-Stokes fills of the hole,
   radius 3 as in the post-processing (``model.quality.inpaint_baseline``);
+- ``patchmatch``: PyPatchMatch's patch-based fill (Barnes et al. 2009), the method the paper
+  compares itself with, seeded so a rerun gives the same fill;
 
 and scores each against the input (the truth) with ``model.quality.image_metrics``. Only the
 small result rows (no pixels) leave the task. Nothing here raises on bad input: a row that cannot
@@ -31,10 +33,12 @@ import pyarrow as pa
 
 from pipeline.manifest import STATUS_ERROR, STATUS_OK
 
-METHODS = ("model_raw", "model_post", "telea", "ns")
+METHODS = ("model_raw", "model_post", "telea", "ns", "patchmatch")
 METRIC_NAMES = ("psnr", "psnr_hole", "ssim", "hole_l1")  # model.quality.METRICS (no torch import here)
 METRIC_COLUMNS = tuple(f"{method}_{metric}" for method in METHODS for metric in METRIC_NAMES)
-TIMING_COLUMNS = ("read_s", "decode_s", "inference_s", "postprocess_s", "telea_s", "ns_s", "metrics_s")
+BASELINE_METHODS = ("telea", "ns", "patchmatch")  # model.quality.BASELINES
+TIMING_COLUMNS = ("read_s", "decode_s", "inference_s", "postprocess_s",
+                  *(f"{method}_s" for method in BASELINE_METHODS), "metrics_s")  # fmt: skip
 
 EVALUATION_SCHEMA = pa.schema(
     [
@@ -62,8 +66,10 @@ EVALUATION_COLUMNS = tuple(EVALUATION_SCHEMA.names)
 COMPARISONS = (
     ("model_raw", "telea"),
     ("model_raw", "ns"),
+    ("model_raw", "patchmatch"),
     ("model_post", "model_raw"),
     ("model_post", "telea"),
+    ("model_post", "patchmatch"),
 )
 
 
@@ -93,7 +99,7 @@ def method_results(
     timings: dict | None = None,
     postprocess_path: str = "writer",
 ) -> dict[str, np.ndarray]:
-    """The four ``METHODS``' uint8 results for one image, its hole ``mask`` and the network's
+    """The five ``METHODS``' uint8 results for one image, its hole ``mask`` and the network's
     composited ``completed`` image; ``timings`` (if given) gets each step's seconds."""
     from model.quality import inpaint_baseline
 
@@ -102,7 +108,7 @@ def method_results(
     start = time.perf_counter()
     results["model_post"] = postprocessed(image, mask, completed, postprocess_path)
     timings["postprocess_s"] = time.perf_counter() - start
-    for method in ("telea", "ns"):
+    for method in BASELINE_METHODS:
         start = time.perf_counter()
         results[method] = inpaint_baseline(image, mask, method)
         timings[f"{method}_s"] = time.perf_counter() - start
@@ -341,13 +347,18 @@ def summary_markdown(summary: dict) -> str:
 HOLE_COLOUR = (255, 255, 255)
 
 
+GRID_PANELS = ("input with hole", "Telea", "PatchMatch", "glcic", "truth")
+
+
 def grid_row(image: np.ndarray, mask: np.ndarray, completed: np.ndarray) -> list[np.ndarray]:
-    """One grid row: input with its hole painted white | Telea | glcic (raw) | truth."""
+    """One grid row, ``GRID_PANELS``: the input with its hole painted white | Telea | PatchMatch |
+    glcic (raw) | truth."""
     from model.quality import inpaint_baseline
 
     hole = mask.astype(bool)[..., None]
     masked = np.where(hole, np.array(HOLE_COLOUR, np.uint8), image)
-    return [masked, inpaint_baseline(image, mask, "telea"), completed, image]
+    fills = [inpaint_baseline(image, mask, method) for method in ("telea", "patchmatch")]
+    return [masked, *fills, completed, image]
 
 
 def grid_image(rows: list[list[np.ndarray]], height: int = 256, gap: int = 2) -> np.ndarray:

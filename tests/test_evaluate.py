@@ -63,7 +63,7 @@ def test_metrics_oracle_and_known_errors(photos):
     assert off["hole_l1"] == pytest.approx(float(hole_l1(x, y, m)), abs=1e-7)
 
     # Baselines fill only the hole and never see its truth; an empty hole has no hole metrics.
-    for method in ("telea", "ns"):
+    for method in ("telea", "ns", "patchmatch"):
         filled = inpaint_baseline(truth, mask, method)
         np.testing.assert_array_equal(filled[mask == 0], truth[mask == 0])
         np.testing.assert_array_equal(filled, inpaint_baseline(worse, mask, method))
@@ -76,6 +76,14 @@ def test_grid_image_shape():
     wide = [np.full((40, 80, 3), 50, np.uint8)] * 4
     grid = grid_image([panels, wide], height=32, gap=2)
     assert grid.shape == (2 * 32 + 2, max(4 * 32, 4 * 64) + 3 * 2, 3)
+
+
+def patchmatch_direct(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """PyPatchMatch called as its README does, on the image as it is, seeded as the job seeds it."""
+    import patchmatch
+
+    patchmatch.set_random_seed(0)
+    return patchmatch.inpaint(image, mask * 255, patch_size=3)
 
 
 def recompute(data: bytes, key: str, checkpoint: str, seed: int = 0) -> tuple[dict, np.ndarray]:
@@ -91,6 +99,7 @@ def recompute(data: bytes, key: str, checkpoint: str, seed: int = 0) -> tuple[di
         # OpenCV directly, on the image as it is (the job's baseline zeroes the hole first).
         "telea": cv2.inpaint(truth, mask * 255, 3, cv2.INPAINT_TELEA),
         "ns": cv2.inpaint(truth, mask * 255, 3, cv2.INPAINT_NS),
+        "patchmatch": patchmatch_direct(truth, mask),
     }
     y, m = images_to_tensor(truth), masks_to_tensor(mask)
     expected = {}
@@ -136,6 +145,7 @@ def test_evaluate_job_rows_summary_grid_and_rerun(ray_local, tmp_path, photos, t
         assert 0 < row["hole_fraction"] <= (HOLES[1] / CROP) ** 2
         assert row["mask_generator"] == "rectangle" and row["mask_seed"] == 0
         assert row["inference_s"] > 0 and row["telea_s"] > 0 and row["metrics_s"] > 0
+        assert row["patchmatch_s"] > 0 and row["patchmatch_hole_l1"] > 0
     assert (rows["p/wide.jpg"]["width"], rows["p/wide.jpg"]["height"]) == (160, 72)
 
     # One row recomputed from scratch: OpenCV directly, the generator here, the trainer's metrics.
@@ -168,12 +178,17 @@ def test_evaluate_job_rows_summary_grid_and_rerun(ray_local, tmp_path, photos, t
     assert "| method | PSNR (dB) | hole PSNR (dB) | SSIM | hole L1 |" in markdown
     assert all(f"| {method} |" in markdown for method in METHODS) and "| model_raw vs telea |" in markdown
     assert json.loads((run_dir / "_config.json").read_text())["crop"] == CROP
-    # The grid: the first 3 ok keys, 4 panels of CROP px each, 2 px apart.
+    # The grid: the first 3 ok keys; input with hole | Telea | PatchMatch | glcic | truth, CROP px
+    # each, 2 px apart.
     assert summary["grid_keys"] == sorted(good)[:3]
     grid = np.asarray(Image.open(run_dir / "_grid.png"))
-    assert grid.shape == (3 * CROP + 2 * 2, 4 * CROP + 3 * 2, 3)
-    first = scale_and_crop(decode_image(good[sorted(good)[0]]), CROP, None)
+    assert grid.shape == (3 * CROP + 2 * 2, 5 * CROP + 4 * 2, 3)
+    first_key = sorted(good)[0]
+    first = scale_and_crop(decode_image(good[first_key]), CROP, None)
     np.testing.assert_array_equal(grid[:CROP, -CROP:], first)  # the truth column
+    first_mask = rectangle_mask(CROP, CROP, seed=0, key=first_key, hole_range=HOLES, local_size=LOCAL).mask
+    column = 2 * (CROP + 2)
+    np.testing.assert_array_equal(grid[:CROP, column : column + CROP], patchmatch_direct(first, first_mask))
     # pandas reads the rows of every run under the output prefix (the underscore files are skipped).
     assert len(pd.read_parquet(output)) == len(rows)
 
@@ -222,7 +237,7 @@ def test_masks_prefix_full_images(ray_local, tmp_path, photos, tiny_checkpoint):
     telea = cv2.inpaint(truth, hole, 3, cv2.INPAINT_TELEA)
     (expected,) = image_metrics([telea], truth, hole // 255)
     assert good["telea_psnr_hole"] == pytest.approx(expected["psnr_hole"], abs=1e-6)
-    assert np.asarray(Image.open(Path(summary["grid"]))).shape == (h, 4 * w + 3 * 2, 3)
+    assert np.asarray(Image.open(Path(summary["grid"]))).shape == (h, 5 * w + 4 * 2, 3)
 
 
 def test_model_post_is_scored_with_the_path_the_job_would_run(ray_local, tmp_path, photos, tiny_checkpoint):
