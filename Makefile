@@ -5,14 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-fast test lint bench clean prometheus
+.PHONY: demo demo-fast test lint bench clean prometheus eval-grid
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel first: pyproject's torch range admits it, so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,export]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -44,6 +44,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/inpaint.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/memory.py
+
+# README's picture: the evaluate grid of the shipped weights on the validation split (about a minute).
+PHOTOS ?= ../shared/photos
+eval-grid: $(STAMP)
+	$(BIN)/python bench/eval_grid.py --photos $(PHOTOS)
 
 clean:
 	rm -rf $(VENV) demo_out bench_out

@@ -157,8 +157,8 @@ EVALUATE = JobSpec(
     module="jobs.evaluate",
     config_class=job_config.EvaluateConfig,
     summary=(
-        "Score the generator (raw and post-processed) against OpenCV's Telea and Navier-Stokes fills on the "
-        "same seeded holes: per-image PSNR, SSIM and hole L1 as Parquet rows, a summary and a grid PNG."
+        "Score the generator (raw and post-processed) against OpenCV's Telea and Navier-Stokes fills and "
+        "PatchMatch on the same seeded holes: per-image PSNR, SSIM and hole L1 as Parquet rows, a summary and a grid PNG."
     ),
     example=(
         "glcic submit-evaluate --address http://127.0.0.1:8265 --images s3://photos/val "
@@ -681,6 +681,62 @@ def manifest_report(
         ]
         Path(todo).write_text("".join(f"{u}\n" for u in uris))
         typer.echo(f"\nwrote {len(uris)} input URIs to {todo}")
+
+
+@app.command(
+    "export",
+    epilog="Example: glcic export --checkpoint s3://models/glcic --output glcic.onnx --half",
+)
+def export(
+    output: Annotated[str, typer.Option(help="the ONNX file to write (a local path)")],
+    checkpoint: Annotated[
+        str,
+        typer.Option(help="the checkpoint to export: a directory or URI, or default (the shipped weights)"),
+    ] = "default",
+    half: Annotated[
+        bool,
+        typer.Option(
+            "--half", help="fp16 weights and network (half the file); inputs and outputs stay uint8"
+        ),
+    ] = False,
+    endpoint_url: Annotated[
+        str | None,
+        typer.Option(help="S3-compatible endpoint (default: GLCIC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)"),
+    ] = None,
+) -> None:
+    """Write the whole completion as one ONNX graph (model/onnx_export.py): uint8 image N x H x W x 3
+    and mask N x H x W (nonzero = hole) in, uint8 completed image out; any batch and size (H, W >= 4).
+    Runs here, not as a Ray job."""
+    from pipeline.storage import endpoint_url_from_env, redact
+
+    endpoint_url = endpoint_url or endpoint_url_from_env()
+    check_protocol("--checkpoint", checkpoint)
+    if "://" in output and not output.startswith("file://"):
+        raise CliError(f"--output {output!r}: write the ONNX file to a local path", EXIT_USAGE)
+    try:
+        from model.onnx_export import export_onnx
+    except ImportError as e:  # pragma: no cover - the extra is part of make's environment
+        raise CliError(f"glcic export needs the export extra: pip install 'glcic[export]' ({e})") from e
+    located = preflight_checkpoint("--checkpoint", checkpoint, endpoint_url)
+    from pipeline.checkpoint import load_generator
+
+    try:
+        network, model_config, checkpoint_id = load_generator(located.resolved, endpoint_url=endpoint_url)
+    except Exception as e:
+        raise _storage_error("--checkpoint", checkpoint, e) from e
+    path = Path(output.removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "checkpoint_id": checkpoint_id,
+        "checkpoint": redact(located.uri),
+        "width": str(model_config.width),
+        "mean_pixel": ",".join(f"{v:.6f}" for v in model_config.mean_pixel),
+        "precision": "fp16" if half else "fp32",
+    }
+    export_onnx(network, model_config.mean_pixel, str(path), half=half, metadata=metadata)
+    typer.echo(
+        f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {metadata['precision']}, checkpoint {checkpoint_id})"
+    )
 
 
 @app.command("list", epilog="Example: glcic list --address http://127.0.0.1:8265")

@@ -128,9 +128,12 @@ def test_every_flag_has_help_and_every_command_an_example():
         (["submit-evaluate", "--images", "i", "--output", "o", "--checkpoint", "c", "--hole-max", "200"], 2,
          ["hole_max <= local_size"]),
         (["submit-evaluate", "--images", "notaproto://x", "--output", "o", "--checkpoint", "c"], 2, ["notaproto"]),
+        (["export", "--output", "o.onnx", "--checkpoint", "/nonexistent/ckpt"], 2,
+         ["--checkpoint", "no checkpoint there"]),
+        (["export", "--output", "s3://b/o.onnx"], 2, ["local path"]),
     ],
     ids=["bad-protocol", "missing-flag", "bad-schedule", "unknown-flag", "bad-number", "unreachable-cluster",
-         "no-address", "evaluate-bad-holes", "evaluate-bad-protocol"],
+         "no-address", "evaluate-bad-holes", "evaluate-bad-protocol", "export-no-checkpoint", "export-to-s3"],
 )  # fmt: skip
 def test_bad_arguments_give_one_clear_line(args, exit_code, words):
     result = glcic_here(*args)

@@ -14,7 +14,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LAYERS = ("model", "pipeline", "jobs")  # each may import only from those before it
 LOCAL_TOOLING = "embedded"  # the laptop's S3 server, Ray head and demo: nothing installed imports it
-MODEL_THIRD_PARTY = {"torch", "numpy", "cv2"}
+# Maths libraries, and onnx: the exported graph is the network's too. Never storage, Ray or Pillow.
+MODEL_THIRD_PARTY = {"torch", "numpy", "cv2", "patchmatch", "onnx"}
 
 
 def imports_of(path: Path) -> set[str]:
