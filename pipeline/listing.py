@@ -100,7 +100,7 @@ def iter_entries(
     fs, root = storage.filesystem(source, endpoint_url)
     fs.invalidate_cache()  # listings are cached per filesystem instance, shared in a process
     if is_list_file(fs, root):
-        list_dir = source.rstrip("/").rsplit("/", 1)[0] if "/" in source.rstrip("/") else "."
+        list_dir = storage.keys_root(source)
 
         def listed_keys() -> Iterator[tuple[str, str]]:
             with fs.open(root, "rt", encoding="utf-8") as lines:
