@@ -214,7 +214,9 @@ def _solve(image, completed, hole, iterations, tol, band, check_every):
                 break
         ap = apply(p)
         pap = dot(p, ap)
-        step = active & (pap > 0)
+        # rs == 0 is an exact solution: stepping on would make beta 0 / 0 (NaN). It happens on tiny
+        # holes, whose residual can underflow to zero between two convergence checks.
+        step = active & (pap > 0) & (rs > 0)
         alpha = torch.where(step, rs / torch.where(step, pap, 1), 0)
         x = x + alpha * p
         r = r - alpha * ap
