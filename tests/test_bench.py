@@ -80,7 +80,11 @@ def test_memory_bench_completes_every_image_and_reports_peak_rss(tmp_path):
     assert run["timeline"], "RSS was sampled during the run"
     # The rerun of the finished job skipped every input and wrote nothing; the stages were seen.
     assert run["rerun_counts"] == {"ok": 0, "error": 0, "skipped": 300} and run["rerun_wall_s"] > 0
-    assert positive(run["listing_peak_rss_mib"]) and run["manifest_parts"] >= 1
+    # The stage peaks are sampled by process title: the inference actors live through the run and
+    # are always seen; the listing of 300 keys can end between two samples (CI saw 0.0 once), so
+    # its figure is only required to be reported. At the bench's own sizes it runs for seconds.
+    assert positive(run["actor_peak_rss_mib"]) and run["manifest_parts"] >= 1
+    assert run["listing_peak_rss_mib"] >= 0
     listing = figures["s3_listing"]
     assert listing["keys"] == 2500 and listing["requests"] == 3 and listing["dircache_entries"] == 0
 
