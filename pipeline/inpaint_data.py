@@ -56,6 +56,8 @@ class RowError(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+        self.size: tuple[int, int] | None = None  # (width, height), when the image decoded
+        self.hole: float | None = None
 
 
 def _load_mask(key: str, height: int, width: int, options: ReadOptions) -> tuple[np.ndarray, str]:
@@ -90,6 +92,89 @@ def _generate_mask(key: str, height: int, width: int, options: ReadOptions) -> n
         return np.ascontiguousarray(mask, dtype=np.uint8)
     except Exception as e:
         raise RowError("mask_generation_failed", f"{type(e).__name__}: {e}") from None
+
+
+@dataclass
+class DecodedInput:
+    """An input's pixels and hole, ready for the network, with what its output needs back."""
+
+    image: np.ndarray  # HxWx3 uint8 (the evaluation's crop, if any)
+    mask: np.ndarray  # HxW uint8, 1 = hole
+    alpha: np.ndarray  # HxW uint8, EMPTY_MASK: none
+    icc_profile: bytes  # b"": none
+    exact: bool  # the decoded pixels are the file's exactly
+    width: int  # the image's own size, also with a crop
+    height: int
+    hole: float
+    mask_key: str  # where the mask was read ("": generated)
+    message: str  # a note for an ok row ("the mask has no hole ...")
+    decode_s: float
+    mask_read_s: float
+
+
+def decode_input(
+    key: str, data: bytes, options: ReadOptions, mask_data: bytes | None = None, mask_name: str = ""
+) -> DecodedInput:
+    """Decode one input and find its hole: ``mask_data`` (a shard's mask member) if given, else the
+    mask under ``--masks``, else a generated one; raises ``RowError`` with the reason."""
+    start = time.perf_counter()
+    try:
+        decoded = decode(data, options.max_pixels)
+    except DecodeError as e:
+        raise RowError(e.kind, str(e)) from None
+    image = decoded.rgb
+    h, w = image.shape[:2]
+    try:
+        return _with_hole(key, decoded, image, h, w, start, options, mask_data, mask_name)
+    except RowError as e:
+        e.size = (w, h)  # the manifest says how large an image whose hole failed is
+        raise
+
+
+def _with_hole(key, decoded, image, h, w, start, options, mask_data, mask_name) -> DecodedInput:
+    keep = not options.crop  # the evaluation's view writes nothing back
+    if options.crop:
+        image = scale_and_crop(image, options.crop, None)
+    mask_key, mask_read_s = "", 0.0
+    if mask_data is not None:
+        try:
+            mask = decode_mask(mask_data, options.max_pixels)
+        except DecodeError as e:
+            raise RowError(f"mask_{e.kind}", f"mask {mask_name!r}: {e}") from None
+        if mask.shape != (h, w):
+            raise RowError(
+                "mask_size_mismatch",
+                f"mask {mask_name!r} is {mask.shape[1]}x{mask.shape[0]}, the image is {w}x{h}",
+            )
+        mask_key = mask_name
+    elif options.masks is None:
+        mask = _generate_mask(key, *image.shape[:2], options)
+    else:
+        mask_start = time.perf_counter()
+        mask, mask_key = _load_mask(key, h, w, options)
+        mask_read_s = time.perf_counter() - mask_start  # mostly the mask's GET
+    if options.crop and (mask_data is not None or options.masks is not None):
+        # the same view of the mask; white (>= 128 after resizing) = hole
+        mask = (scale_and_crop(mask * 255, options.crop, None) >= 128).astype(np.uint8)
+    hole = float(mask.mean())
+    if hole >= 1.0:
+        error = RowError("mask_all_hole", "the mask covers the whole image: nothing to complete from")
+        error.hole = hole
+        raise error
+    return DecodedInput(
+        image=image,
+        mask=mask,
+        alpha=decoded.alpha if keep and decoded.alpha is not None else EMPTY_MASK,
+        icc_profile=(decoded.icc_profile or b"") if keep else b"",
+        exact=decoded.exact if keep else False,
+        width=w,
+        height=h,
+        hole=hole,
+        mask_key=mask_key,
+        message="the mask has no hole: the output is the input" if hole == 0.0 else "",
+        decode_s=time.perf_counter() - start - mask_read_s,
+        mask_read_s=mask_read_s,
+    )
 
 
 def read_decode(batch: dict[str, np.ndarray], *, options: ReadOptions) -> dict[str, list | np.ndarray]:
@@ -149,39 +234,19 @@ def read_decode(batch: dict[str, np.ndarray], *, options: ReadOptions) -> dict[s
             except Exception as e:
                 raise RowError("read_failed", f"{type(e).__name__}: {e}") from None
             read_s[i] = time.perf_counter() - start
-            start = time.perf_counter()
-            try:
-                decoded = decode(data, options.max_pixels)
-            except DecodeError as e:
-                raise RowError(e.kind, str(e)) from None
+            got = decode_input(key, data, options)
             del data
-            image = decoded.rgb
-            if not options.crop:  # the evaluation's view writes nothing back
-                alphas[i] = decoded.alpha if decoded.alpha is not None else EMPTY_MASK
-                profiles[i] = decoded.icc_profile or b""
-                exact[i] = decoded.exact
-            h, w = image.shape[:2]
-            height[i], width[i] = h, w  # the image's own size, also with a crop
-            if options.crop:
-                image = scale_and_crop(image, options.crop, None)
-            decode_s[i] = time.perf_counter() - start
-            start = time.perf_counter()
-            if generated:
-                mask = _generate_mask(key, *image.shape[:2], options)
-                decode_s[i] += time.perf_counter() - start
-            else:
-                mask, rows["mask_key"][i] = _load_mask(key, h, w, options)
-                if options.crop:  # the same view of the mask; white (>= 128 after resizing) = hole
-                    mask = (scale_and_crop(mask * 255, options.crop, None) >= 128).astype(np.uint8)
-                read_s[i] += time.perf_counter() - start  # mostly the mask's GET
-            hole[i] = float(mask.mean())
-            if hole[i] >= 1.0:
-                raise RowError("mask_all_hole", "the mask covers the whole image: nothing to complete from")
-            if hole[i] == 0.0:
-                rows["error_message"][i] = "the mask has no hole: the output is the input"
-            images[i], masks[i] = image, mask
+            decode_s[i], read_s[i] = decode_s[i] + got.decode_s, read_s[i] + got.mask_read_s
+            alphas[i], profiles[i], exact[i] = got.alpha, got.icc_profile, got.exact
+            height[i], width[i], hole[i], rows["mask_key"][i] = got.height, got.width, got.hole, got.mask_key
+            rows["error_message"][i] = got.message
+            images[i], masks[i] = got.image, got.mask
             rows["status"][i] = STATUS_OK
         except RowError as e:
+            if e.size is not None:
+                width[i], height[i] = e.size
+            if e.hole is not None:
+                hole[i] = e.hole
             rows["status"][i] = STATUS_ERROR
             rows["error_type"][i] = e.kind
             rows["error_message"][i] = str(e)
