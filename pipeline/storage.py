@@ -13,6 +13,7 @@ import os
 import posixpath
 import random
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -133,7 +134,9 @@ def protocol_problem(uri: str) -> str:
 def holds_objects(uri: str, endpoint_url: str | None = None) -> bool:
     """Whether ``uri`` is an object (a list file) or a prefix with at least one object under it,
     asked failing fast (a client-side check). One small request on S3 (``MaxKeys=1``): an input
-    prefix may hold millions of objects."""
+    prefix may hold millions of objects. A brace pattern: its first brace's folder."""
+    if is_brace_pattern(uri):
+        uri = keys_root(uri)
     fs, path = filesystem(uri, endpoint_url, fail_fast=True)
 
     def ask() -> bool:
@@ -178,8 +181,18 @@ def location(uri: str) -> tuple[str, tuple[str, ...]]:
 LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")  # an input that is a list of keys, not a prefix
 
 
+def is_brace_pattern(uri: str) -> bool:
+    """``shards/{00000..00099}.tar``: names expanded as the ``braceexpand`` package does."""
+    start = uri.find("{")
+    return start >= 0 and uri.find("}", start) > start
+
+
 def keys_root(images: str) -> str:
-    """The place an input's keys are relative to: the prefix itself, or a list file's folder."""
+    """The place an input's keys are relative to: the prefix itself, a list file's folder, or the
+    folder of a brace pattern's first brace."""
+    if is_brace_pattern(images):
+        head = images[: images.find("{")]
+        return head.rsplit("/", 1)[0] if "/" in head else "."
     if images.lower().endswith(LIST_FILE_SUFFIXES):
         stripped = images.rstrip("/")
         return stripped.rsplit("/", 1)[0] if "/" in stripped else "."
@@ -348,6 +361,31 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         os.replace(tmp, path)
         return
     fs.pipe_file(path, data)
+
+
+# Parts of a multipart upload (S3 then uses one above twice this): a failed part resends only
+# this much, and a shard of hundreds of MB never sits in memory whole.
+UPLOAD_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def atomic_put_file(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
+    """Upload the local file ``local_path`` to ``path``, appearing whole or not at all.
+
+    Local targets: a hidden temporary beside the target, renamed over it. Object stores: straight
+    to the final key, since a PUT or a multipart upload is visible only once complete (S3 has no
+    rename, and copy + delete would double the bytes and leak temporaries); s3fs aborts a
+    multipart upload that fails, and a lifecycle rule (README) cleans up one a crash leaves.
+    """
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if proto in ("file", "local"):
+        parent = posixpath.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".glcic-tmp-{uuid.uuid4().hex}")
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, path)
+        return
+    options = {"chunksize": UPLOAD_CHUNK_BYTES} if proto in ("s3", "s3a") else {}
+    fs.put_file(local_path, path, **options)
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
