@@ -364,11 +364,30 @@ class InpaintConfig(BatchInferenceConfig):
     """Complete every image under --images with a trained generator; write results and a Parquet manifest."""
 
     manifest: str | None = flag("prefix for the Parquet manifest (default: <output>/_manifest)", None)
-    output_format: Literal["png", "same", "jpeg", "webp"] = flag(
-        "png: <key>.png (keys already ending in .png unchanged); same: the input's key and format; jpeg / "
-        "webp: <key>.jpg / <key>.webp, lossy (quality 95); JPEG encodes about 25x faster than PNG, the "
-        "writer's main CPU cost when post-processing runs in the actor (bench/stages.py)",
-        "png",
+    input_format: Literal["auto", "files", "webdataset", "parquet"] = flag(
+        "what --images holds: files (one object per image), webdataset (.tar shards; --images may be a brace "
+        "pattern such as shards/{00000..00999}.tar) or parquet (files with the image bytes in a column, as "
+        "img2dataset writes them); auto: what the listing finds (any .tar: webdataset)",
+        "auto",
+    )
+    output_format: Literal["auto", "png", "same", "jpeg", "webp"] = flag(
+        "png: <key>.png (keys already ending in .png unchanged; in a shard, the image member becomes "
+        "<key>.png), known pixels then exact; same: the input's key and format; jpeg / webp: <key>.jpg / "
+        "<key>.webp, lossy (quality 95); JPEG encodes about 25x faster than PNG, the writer's main CPU cost "
+        "when post-processing runs in the actor (bench/stages.py); auto: png for files, same for shards "
+        "(readers' to_tuple('jpg') keeps working; a JPEG re-encodes the known pixels too, and the manifest "
+        "says so in known_pixels_exact)",
+        "auto",
+    )
+    image_column: str | None = flag(
+        "parquet: the column of image bytes (default: the first of jpg, png, webp, image present)", None
+    )
+    key_column: str = flag("parquet: the column of sample keys", "key")
+    mask_column: str = flag("parquet: a column of PNG hole masks (white = hole), used where present", "mask")
+    image_ext: str | None = flag(
+        "webdataset: the image member's extension, exactly (default: the member whose extension ends in "
+        "jpg, jpeg, png or webp, never a mask.* one); a {key}.mask.png member is the sample's hole mask",
+        None,
     )
     write_masks: bool = flag("also write the mask used, as PNG under <output>/_masks/", False)
     postprocess: bool = flag(
@@ -392,6 +411,27 @@ class InpaintConfig(BatchInferenceConfig):
     @property
     def manifest_uri(self) -> str:
         return self.manifest or f"{self.output.rstrip('/')}/_manifest"
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.sharded and self.masks:
+            problems.append(
+                "--masks is for one object per image; a shard's masks are its samples' {key}.mask.png members "
+                "(webdataset) or its --mask-column (parquet)"
+            )
+        return problems
+
+    @property
+    def sharded(self) -> bool:
+        return self.input_format in ("webdataset", "parquet")
+
+    def resolved(self, layout: str) -> InpaintConfig:
+        """This config with ``input_format`` the layout found and ``output_format`` decided: what
+        the run's ``_config.json`` records and a resume compares."""
+        output_format = self.output_format
+        if output_format == "auto":
+            output_format = "png" if layout == "files" else "same"
+        return dataclasses.replace(self, input_format=layout, output_format=output_format)
 
     def written_prefixes(self) -> dict[str, str]:
         return {"--output": self.output, **({"--manifest": self.manifest} if self.manifest else {})}

@@ -37,25 +37,25 @@ from jobs.config import InpaintConfig, print_config, run_main, to_dict, to_json
 from pipeline import manifest as manifest_lib
 from pipeline import metrics as live
 from pipeline import storage
-from pipeline.batch_run import inference_stage, listing_stage, read_stage, start_run, write_manifest
-from pipeline.resume import ResumeRule, resume_index, resume_settings
+from pipeline.batch_run import (
+    inference_stage,
+    listing_stage,
+    read_stage,
+    shard_inference_stage,
+    start_run,
+    write_manifest,
+)
+from pipeline.resume import ResumeRule, resume_index, resume_settings, shard_resume_index
 
 log = logging.getLogger("glcic.inpaint")
+# Sharded runs write a manifest part per this many rows / this many (a row there is a shard's rows).
+SHARD_ROWS_GUESS = 1000
 
 
-def build_dataset(config: InpaintConfig, run_id: str, index_ref):
-    """list -> read/decode -> inference actors -> encode/write: the rows the manifest sink takes."""
+def read_options(config: InpaintConfig):
     from pipeline.inpaint_data import ReadOptions
-    from pipeline.writer import WriteOptions, encode_write
 
-    ds = listing_stage(
-        config,
-        exclude=(config.output, config.manifest_uri),
-        output_format=config.output_format,
-        run_id=run_id,
-        index_ref=index_ref,
-    )
-    read_options = ReadOptions(
+    return ReadOptions(
         output=config.output,
         masks=config.masks,
         mask_generator=config.mask_generator,
@@ -67,7 +67,22 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
         hole_range=config.hole_range,
         local_size=config.local_size,
     )
-    ds = read_stage(ds, config, read_options)
+
+
+def build_dataset(config: InpaintConfig, run_id: str, index_ref):
+    """list -> read/decode -> inference actors -> encode/write: the rows the manifest sink takes."""
+    from pipeline.writer import WriteOptions, encode_write
+
+    if config.sharded:
+        return build_shard_dataset(config, run_id, index_ref)
+    ds = listing_stage(
+        config,
+        exclude=(config.output, config.manifest_uri),
+        output_format=config.output_format,
+        run_id=run_id,
+        index_ref=index_ref,
+    )
+    ds = read_stage(ds, config, read_options(config))
     ds = inference_stage(ds, config, postprocess=config.postprocess_on if config.postprocess else "none")
     write_options = WriteOptions(
         output=config.output,
@@ -81,6 +96,52 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
         batch_size=config.task_batch_size,
         num_cpus=config.num_cpus_per_task,
         fn_kwargs={"options": write_options},
+    )
+
+
+def build_shard_dataset(config: InpaintConfig, run_id: str, index_ref):
+    """Sharded inputs: list shards -> read a shard -> inference actors -> write its output shard.
+
+    A shard travels as one row (``pipeline/shard_data.py``), so every stage gets whole shards:
+    one a read task, one an actor call (its images batched ``--batch-size`` at a time), one a
+    write task. The rows the manifest sink takes are each shard's packed manifest rows."""
+    from pipeline.shard_data import ShardOptions, read_shard
+    from pipeline.shard_writer import ShardWriteOptions, write_shard
+
+    ds = listing_stage(
+        config, exclude=(config.output, config.manifest_uri), output_format=None, run_id=run_id,
+        index_ref=index_ref, layout=config.input_format,
+    )  # fmt: skip
+    options = ShardOptions(
+        layout=config.input_format,
+        read=read_options(config),
+        image_column=config.image_column,
+        key_column=config.key_column,
+        mask_column=config.mask_column,
+        image_ext=config.image_ext,
+        run_id=run_id,
+    )
+    ds = ds.map_batches(
+        read_shard, batch_size=1, num_cpus=config.num_cpus_per_task, fn_kwargs={"options": options}
+    )
+    ds = shard_inference_stage(
+        ds, config, postprocess=config.postprocess_on if config.postprocess else "none"
+    )
+    write_options = ShardWriteOptions(
+        layout=config.input_format,
+        output=config.output,
+        output_format=config.output_format,
+        postprocess=config.postprocess,
+        write_masks=config.write_masks,
+        mask_generator=config.mask_generator,
+        mask_seed=config.mask_seed,
+        endpoint_url=config.endpoint_url,
+        run_id=run_id,
+        image_ext=config.image_ext,
+        mask_column=config.mask_column,
+    )
+    return ds.map_batches(
+        write_shard, batch_size=1, num_cpus=config.num_cpus_per_task, fn_kwargs={"options": write_options}
     )
 
 
@@ -98,7 +159,8 @@ def resume(config: InpaintConfig, checkpoint_id: str):
         verify_output=config.output if config.verify_outputs else None,
         exclude=(config.manifest_uri,),
     )
-    report_ref, index_ref = ray.remote(num_cpus=0.25, num_returns=2)(resume_index).remote(
+    index = shard_resume_index if config.sharded else resume_index
+    report_ref, index_ref = ray.remote(num_cpus=0.25, num_returns=2)(index).remote(
         config.manifest_uri, config.endpoint_url, rule
     )
     # Waited for here, before the pipeline takes every CPU: no read task ever blocks on an index
@@ -113,6 +175,10 @@ def run(config: InpaintConfig) -> dict:
     """Run the job to the end; return the summary also written as ``_SUCCESS.json``."""
     import ray
 
+    from pipeline.shard_layout import detect_layout
+
+    # The layout decided once, before anything is written: the run's _config.json records it.
+    config = config.resolved(detect_layout(config.images, config.endpoint_url, config.input_format))
     run = start_run(config, config.manifest_uri, to_json(config))
     print_config(config)
     if not ray.is_initialized():
@@ -124,14 +190,19 @@ def run(config: InpaintConfig) -> dict:
         run.run_id,
         run.prefix,
         every_s=config.log_every_s,
-        limit=config.limit,
+        limit=None if config.sharded else config.limit,  # sharded: --limit counts shards
         endpoint_url=config.endpoint_url,
     ).start()  # a progress line, _progress.json and the gauges every --log-every-s
     try:
         # Write tasks turn the rows into manifest parts where they are made and hand the driver
         # only each part's counts. Rows reach them only after their outputs are written
         # (encode_write), so a part never says ok for an object that is not there.
-        totals = write_manifest(build_dataset(config, run.run_id, index_ref), run, config)
+        totals = write_manifest(
+            build_dataset(config, run.run_id, index_ref),
+            run,
+            config,
+            per_row=SHARD_ROWS_GUESS if config.sharded else 1,
+        )
     except BaseException:
         progress.failed()
         raise
@@ -158,6 +229,7 @@ def run(config: InpaintConfig) -> dict:
         "images_per_s": final.get("images_per_s"),
         "completed_per_s": round(counts.get(manifest_lib.STATUS_OK, 0) / wall, 3) if wall > 0 else None,
         "stage_s": {k: round(v, 3) for k, v in totals.stage_s.items()},
+        "ray_data_blocks": getattr(totals, "blocks", {}),
         "checkpoint_ids": sorted(totals.checkpoint_ids),
         "resume": dataclasses.asdict(report) if report is not None else None,
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),

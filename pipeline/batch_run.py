@@ -12,6 +12,7 @@ here, in one place for both jobs.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -96,9 +97,11 @@ def listing_stage(
     output_format: str | None,
     run_id: str,
     index_ref=None,
+    layout: str = "files",
 ):
     """A dataset of ``{"key", "uri", "collides_with"}`` rows: every input under ``config.images``
-    but those in the resume index ``index_ref`` (an ObjectRef, or None: list everything)."""
+    (with a shard ``layout``: every shard) but those in the resume index ``index_ref`` (an
+    ObjectRef, or None: list everything)."""
     import ray
 
     from pipeline.resume import list_todo
@@ -120,6 +123,7 @@ def listing_stage(
             "endpoint_url": config.endpoint_url,
             "exclude": exclude,
             "output_format": output_format,
+            "layout": layout,
             "run_id": run_id,
             # In a list, so Ray hands the task the reference and the task fetches the index itself.
             "index_ref": [index_ref] if index_ref is not None else [],
@@ -176,6 +180,32 @@ def inference_stage(ds, config, **predictor_options):
     )
 
 
+def shard_inference_stage(ds, config, **predictor_options):
+    """``ds`` (one row per shard) through the ``ShardInpaintPredictor`` actor pool: a shard per
+    call, its images completed ``inference_batch_size`` at a time."""
+    import ray
+
+    from pipeline.faults import forwarded
+    from pipeline.inference import ShardInpaintPredictor
+
+    pool = actor_pool(config, ray.cluster_resources(), reachable_resources())
+    print(
+        f"inference actors: {pool.min_size} to {pool.max_size or 'as many as the cluster grows to'} "
+        f"(starting with {pool.initial_size}), {pool.num_gpus} GPU and {pool.num_cpus} CPU each, "
+        f"computing on {config.device}, a shard per call"
+    )
+    kwargs = predictor_kwargs(
+        config, pool, batch_size=config.inference_batch_size(pool.num_gpus), **predictor_options
+    )
+    return ds.map_batches(
+        ShardInpaintPredictor,
+        batch_size=1,
+        compute=pool.strategy(config.actor_tasks_in_flight),
+        fn_constructor_kwargs=kwargs,
+        **forwarded({"num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus}),
+    )
+
+
 @dataclass(frozen=True)
 class BatchRun:
     """One run of a batch job: where its rows go and which weights it runs."""
@@ -211,14 +241,27 @@ def read_stage(ds, config, options):
     )  # fmt: skip
 
 
-def write_manifest(ds, run: BatchRun, config, *, schema=None, totals=None):
+def write_manifest(ds, run: BatchRun, config, *, schema=None, totals=None, per_row: int = 1):
     """The last stage: ``ds``'s rows as Parquet parts under ``run.prefix``, written by Ray Data
     write tasks (``ManifestDatasink``); returns the driver's totals of the parts (``totals``, a
-    fresh ``RunTotals`` by default), never the rows themselves."""
+    fresh ``RunTotals`` by default), never the rows themselves. ``per_row``: about how many
+    manifest rows one row of ``ds`` holds (a shard's), to size the parts."""
     from pipeline.manifest_sink import ManifestDatasink
 
+    rows_per_part = max(1, config.manifest_rows_per_part // per_row)
     sink = ManifestDatasink(
-        run.root, run.run_id, config.manifest_rows_per_part, config.endpoint_url, schema=schema, totals=totals
+        run.root, run.run_id, rows_per_part, config.endpoint_url, schema=schema, totals=totals
     )
     ds.write_datasink(sink, ray_remote_args={"num_cpus": min(0.25, config.num_cpus_per_task)})
+    # What each stage handed on (Ray Data's own count, public in Dataset.stats()): one block per
+    # image for files, one per shard for shards, the driver's bookkeeping grows with it.
+    sink.totals.blocks = blocks_produced(ds.stats())
     return sink.totals
+
+
+_OPERATOR_BLOCKS = re.compile(r"^Operator \d+ (.+?): \d+ tasks executed, (\d+) blocks produced", re.MULTILINE)
+
+
+def blocks_produced(stats: str) -> dict[str, int]:
+    """``{operator: blocks}`` from ``Dataset.stats()`` text (empty if Ray Data words it otherwise)."""
+    return {name: int(blocks) for name, blocks in _OPERATOR_BLOCKS.findall(stats)}

@@ -146,15 +146,22 @@ def list_images(
     endpoint_url: str | None = None,
     exclude: tuple[str, ...] = (),
     output_format: str | None = None,
+    layout: str = "files",
 ) -> Iterator[dict[str, np.ndarray]]:
     """ListImages stage: ``{"source": [uri]}`` -> pages of ``{"key", "uri", "collides_with"}`` rows.
 
     ``exclude``: URIs (the output and manifest prefixes) never listed as inputs, so an output
     prefix nested inside the input prefix is not read back as images. ``output_format``: the
-    job's, to find inputs whose output name is another input's key (``_collision``).
+    job's, to find inputs whose output name is another input's key (``_collision``). ``layout``
+    webdataset / parquet: the shards instead (``pipeline.shard_layout.shard_entries``).
     """
+    from pipeline.shard_layout import shard_entries
+
     for source in batch["source"]:
-        entries = iter_entries(source, endpoint_url, exclude, output_format)
+        if layout == "files":
+            entries = iter_entries(source, endpoint_url, exclude, output_format)
+        else:
+            entries = ((key, uri, "") for key, uri in shard_entries(source, layout, endpoint_url, exclude))
         while page := list(itertools.islice(entries, page_rows)):
             keys, uris, collides = zip(*page, strict=True)
             yield {

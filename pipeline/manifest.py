@@ -36,6 +36,7 @@ import posixpath
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -82,8 +83,15 @@ MANIFEST_SCHEMA = pa.schema(
         ("node_id", pa.string()),  # where the inference actor ran
         ("inference_worker", pa.string()),  # the actor's id
         ("gpu_id", pa.string()),  # the GPU Ray assigned to that actor ("" on CPU)
+        # Sharded inputs (WebDataset tars, Parquet files): a sample is (shard, input_key); null for
+        # one object per image. input_uri is then the shard's URI, output_key the output shard's key.
+        ("shard", pa.string()),  # the input shard, relative to --images
+        ("member", pa.string()),  # the image member in it (a tar member's name / the image column)
+        ("output_member", pa.string()),  # the completed image's member in the output shard
     ]
 )
+# Columns that rows of one object per image do not carry: null there.
+SHARD_COLUMNS = ("shard", "member", "output_member")
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 
 
@@ -91,11 +99,15 @@ def run_prefix(manifest: str, run_id: str) -> str:
     return storage.join_key(manifest, f"run_id={run_id}")
 
 
-def part_name(keys: list[str], statuses: list[str]) -> str:
-    """Deterministic per batch of rows, so a retried write task overwrites instead of duplicating."""
+def part_name(keys: list[str], statuses: list[str], shards: list[str | None] | None = None) -> str:
+    """Deterministic per batch of rows, so a retried write task overwrites instead of duplicating.
+    Sharded rows hash their shard too: sample keys repeat from one shard to the next."""
     h = hashlib.blake2b(digest_size=12)
-    for key, status in zip(keys, statuses, strict=True):
-        h.update(key.encode("utf-8", "surrogatepass"))
+    for i, (key, status) in enumerate(zip(keys, statuses, strict=True)):
+        if shards is not None and shards[i] is not None:
+            h.update(shards[i].encode("utf-8", "surrogatepass"))
+            h.update(b"\x02")
+        h.update((key or "").encode("utf-8", "surrogatepass"))
         h.update(b"\x00")
         h.update(status.encode())
         h.update(b"\x01")
@@ -109,7 +121,11 @@ def rows_to_table(rows: dict[str, list | np.ndarray], schema: pa.Schema = MANIFE
     has the same Arrow types; here they become nulls. ``mask_seed`` is null when masks were read.
     """
     columns = {}
+    n = len(next(iter(rows.values()))) if rows else 0
     for f in schema:
+        if f.name not in rows and f.name in SHARD_COLUMNS:
+            columns[f.name] = [None] * n
+            continue
         values = list(rows[f.name].tolist() if isinstance(rows[f.name], np.ndarray) else rows[f.name])
         if pa.types.is_string(f.type):
             values = [v if isinstance(v, str) and v else None for v in values]
@@ -134,8 +150,9 @@ def write_part(manifest: str, run_id: str, table: pa.Table, endpoint_url: str | 
     """Write ``table`` as one Parquet file under the run's folder, whole or not at all."""
     keys = table.column("input_key").to_pylist()
     statuses = table.column("status").to_pylist()
+    shards = table.column("shard").to_pylist() if "shard" in table.schema.names else None
     fs, root = storage.filesystem(run_prefix(manifest, run_id), endpoint_url)
-    path = storage.join_key(root, part_name(keys, statuses))
+    path = storage.join_key(root, part_name(keys, statuses, shards))
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue()
@@ -213,6 +230,7 @@ def read_manifest(manifest: str, run_id: str | None = None, endpoint_url: str | 
 
 STATE_SCHEMA = pa.schema(
     [
+        ("shard", pa.string()),  # sharded inputs: a sample is (shard, input_key); null otherwise
         ("input_key", pa.string()),
         ("input_uri", pa.string()),
         ("status", pa.string()),  # ok: some run completed it; error: every run that tried failed
@@ -226,10 +244,11 @@ STATE_SCHEMA = pa.schema(
 
 
 def input_states(manifest: str, endpoint_url: str | None = None) -> pa.Table:
-    """The latest state of every input that has a row under ``manifest``, one row each, by key.
+    """The latest state of every input that has a row under ``manifest``, one row each, by key
+    (by shard and key for sharded inputs).
 
     An input is ``ok`` if any run completed it (its ok row), else ``error`` with the latest run's
-    reason (run ids sort by start time; ``--run-id`` names sort as given). Reads six columns of
+    reason (run ids sort by start time; ``--run-id`` names sort as given). Reads seven columns of
     every part: about 150 bytes per row in memory, so for manifests of tens of millions of rows
     run the DuckDB query in README.md ("The manifest") instead, which streams.
     """
@@ -237,8 +256,14 @@ def input_states(manifest: str, endpoint_url: str | None = None) -> pa.Table:
     columns = ["input_key", "input_uri", "status", "output_uri", "error_type", "error_message"]
     tables = []
     for path in part_paths(fs, root):
-        table = read_part(fs, path, columns)
-        table = table.filter(pa.compute.not_equal(table.column("status"), STATUS_SKIPPED))
+        data = storage.with_retries(lambda path=path: storage.read_bytes(fs, path))
+        part = pq.ParquetFile(io.BytesIO(data))
+        if "shard" in part.schema_arrow.names:
+            table = part.read(columns=[*columns, "shard"])
+        else:  # parts written before shards existed have no such column
+            table = part.read(columns=columns)
+            table = table.append_column("shard", pa.nulls(len(table), pa.string()))
+        table = table.filter(pc.not_equal(table.column("status"), STATUS_SKIPPED))
         tables.append(
             table.append_column(
                 "run_id", pa.array([run_id_of(posixpath.dirname(path))] * len(table), pa.string())
@@ -247,10 +272,18 @@ def input_states(manifest: str, endpoint_url: str | None = None) -> pa.Table:
     if not tables or not sum(len(t) for t in tables):
         return STATE_SCHEMA.empty_table()
     rows = pa.concat_tables(tables)
-    rows = rows.append_column("is_ok", pa.compute.equal(rows.column("status"), STATUS_OK).cast(pa.int8()))
-    rows = rows.sort_by([("input_key", "ascending"), ("is_ok", "descending"), ("run_id", "descending")])
+    rows = rows.append_column("is_ok", pc.equal(rows.column("status"), STATUS_OK).cast(pa.int8()))
+    rows = rows.sort_by(
+        [
+            ("shard", "ascending"),
+            ("input_key", "ascending"),
+            ("is_ok", "descending"),
+            ("run_id", "descending"),
+        ]
+    )
     keys = rows.column("input_key").to_numpy(zero_copy_only=False)
-    first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    shards = rows.column("shard").to_numpy(zero_copy_only=False)
+    first = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]) | (shards[1:] != shards[:-1])])
     attempts = np.diff(np.r_[first, len(keys)])
     latest = rows.take(pa.array(first))
     return pa.table(

@@ -25,6 +25,9 @@ from ray.data.block import BlockAccessor
 
 from pipeline import manifest as manifest_lib
 from pipeline.metrics import STAGES
+from pipeline.shard_data import unpack
+
+SHARD_ROWS = "manifest_table"  # a column of packed manifest tables, a shard's rows each
 
 
 class RunTotals:
@@ -37,6 +40,7 @@ class RunTotals:
         self.error_types: collections.Counter = collections.Counter()
         self.stage_s: collections.Counter = collections.Counter()
         self.checkpoint_ids: set[str] = set()
+        self.blocks: dict[str, int] = {}  # per operator, set once the run is done (batch_run)
 
     def empty(self) -> RunTotals:
         return RunTotals()
@@ -91,10 +95,22 @@ class ManifestDatasink(Datasink):
         tables, part = [], self.totals.empty()
         for block in blocks:
             accessor = BlockAccessor.for_block(block)
-            if accessor.num_rows():
-                batch = accessor.to_batch_format("numpy")
-                tables.append(manifest_lib.rows_to_table(batch, self.schema))
-                part.add(batch)
+            if not accessor.num_rows():
+                continue
+            batch = accessor.to_batch_format("numpy")
+            if SHARD_ROWS in batch:  # one value per shard: all its rows (pipeline/shard_writer.py)
+                for packed in batch[SHARD_ROWS]:
+                    table = unpack(packed)
+                    tables.append(table)
+                    part.add(
+                        {
+                            name: table.column(name).to_numpy(zero_copy_only=False)
+                            for name in table.schema.names
+                        }
+                    )
+                continue
+            tables.append(manifest_lib.rows_to_table(batch, self.schema))
+            part.add(batch)
         if not tables:
             return []
         manifest_lib.write_part(self.manifest, self.run_id, pa.concat_tables(tables), self.endpoint_url)

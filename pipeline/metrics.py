@@ -153,11 +153,22 @@ class ProgressBoard:
         self.listing_done = False
         self.counts: collections.Counter = collections.Counter()
         self.error_types: collections.Counter = collections.Counter()
+        # Sharded runs list shards, not images: their rows are known once each shard is read.
+        self.shards: int | None = None  # shards to read, once the listing is done
+        self.shards_read = 0
+        self.found = 0  # rows of the shards read so far
 
-    def listing(self, listed: int, skipped: int, done: bool) -> None:
+    def listing(self, listed: int, skipped: int, done: bool, shards: int | None = None) -> None:
         # cumulative per listing task: a retry starts over
         self.listed, self.skipped = max(self.listed, listed), max(self.skipped, skipped)
         self.listing_done = self.listing_done or done
+        if shards is not None and done:
+            self.shards = shards
+
+    def found_rows(self, rows: int) -> None:
+        """A read task read one shard holding ``rows`` manifest rows."""
+        self.found += rows
+        self.shards_read += 1
 
     def add(self, counts: dict[str, int], error_types: dict[str, int]) -> None:
         self.counts.update(counts)
@@ -165,9 +176,10 @@ class ProgressBoard:
 
     def snapshot(self) -> dict:
         return {
-            "listed": self.listed,
+            "listed": self.listed + self.found,
             "skipped": self.skipped,
-            "listing_done": self.listing_done,
+            # Every input known: with shards, once each listed shard has been read.
+            "listing_done": self.listing_done and (self.shards is None or self.shards_read >= self.shards),
             "counts": dict(self.counts),
             "error_types": dict(self.error_types),
         }

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.manifest import RUN_CONFIG_FILE, STATUS_OK, part_paths, read_part, run_dirs, run_id_of
@@ -37,8 +38,11 @@ log = logging.getLogger(__name__)
 # not this run's result. (Precision, batch sizes, the device and the actor pool do not count.)
 RESUME_SETTINGS = (
     "images", "output", "output_format", "masks", "mask_generator", "mask_seed", "local_size", "hole_min",
-    "hole_max", "postprocess", "max_side", "write_masks",
+    "hole_max", "postprocess", "max_side", "write_masks", "input_format", "image_column", "key_column",
+    "mask_column", "image_ext",
 )  # fmt: skip
+# What a _config.json written before a setting existed meant by leaving it out.
+_SETTING_DEFAULTS = {"input_format": "files", "key_column": "key", "mask_column": "mask"}
 _URI_SETTINGS = ("images", "output", "masks")
 _EMPTY = np.empty(0, dtype="S16")
 
@@ -48,7 +52,7 @@ def resume_settings(config: dict) -> dict:
     compared as places (``storage.location``), credentials never part of them."""
     values = {}
     for name in RESUME_SETTINGS:
-        value = config.get(name)
+        value = config.get(name, _SETTING_DEFAULTS.get(name))
         if name in _URI_SETTINGS and isinstance(value, str):
             if name == "images":  # a list file or its folder: the same keys
                 value = storage.keys_root(value)
@@ -76,11 +80,15 @@ class ResumeReport:
     redo_other_checkpoint: int = 0  # done with another checkpoint, redone (--redo-other-checkpoint)
     redo_other_settings: int = 0  # done only by runs with other settings
     redo_output_missing: int = 0  # done, but the output is gone
+    redo_unfinished: int = 0  # sharded runs: shards that could not be read or written
     runs_other_settings: dict[str, list[str]] = field(default_factory=dict)  # run id -> what differs
+    unit: str = "inputs"  # what the counts count: inputs (images), or shards of a sharded run
+    skipped_rows: int | None = None  # sharded runs: the samples in the skipped shards
 
     def lines(self, checkpoint_id: str | None) -> list[str]:
         """What the job says about its resume before it starts."""
-        lines = [f"resuming: {self.skipped} inputs completed by earlier runs are skipped"]
+        samples = f" ({self.skipped_rows} samples)" if self.skipped_rows is not None else ""
+        lines = [f"resuming: {self.skipped} {self.unit}{samples} completed by earlier runs are skipped"]
         if self.skipped_other_checkpoint:
             lines.append(
                 f"  {self.skipped_other_checkpoint} of them were completed with another checkpoint than "
@@ -90,6 +98,8 @@ class ResumeReport:
             lines.append(f"  {self.redo_other_checkpoint} completed with another checkpoint are redone")
         if self.redo_output_missing:
             lines.append(f"  {self.redo_output_missing} completed whose outputs are gone are redone")
+        if self.redo_unfinished:
+            lines.append(f"  {self.redo_unfinished} that could not be read or written are redone")
         if self.redo_other_settings:
             differing = sorted({name for names in self.runs_other_settings.values() for name in names})
             lines.append(
@@ -156,7 +166,7 @@ def resume_index(
         except (FileNotFoundError, OSError, pa.ArrowException) as e:
             log.warning("ignoring unreadable manifest part %s: %s", path, e)
             return in_same, _EMPTY, _EMPTY, []
-        ok = table.filter(pa.compute.equal(table.column("status"), STATUS_OK))
+        ok = table.filter(pc.equal(table.column("status"), STATUS_OK))
         keys = key_digests(ok.column("input_key").to_pylist())
         if not in_same:
             return in_same, keys, _EMPTY, []
@@ -204,17 +214,128 @@ def resume_index(
     return report, done
 
 
+# A shard whose rows hold one of these was not done: the shard could not be read or written.
+SHARD_RETRY_ERRORS = ("not_found", "read_failed", "write_failed")
+
+
+def shard_resume_index(
+    manifest: str, endpoint_url: str | None, rule: ResumeRule, threads: int = 16
+) -> tuple[ResumeReport, tuple[np.ndarray, np.ndarray]]:
+    """The resume index of a sharded run: the sorted digests of the input shards it skips, with
+    each one's row count (what the listing reports as skipped).
+
+    A shard is done when a run with the same settings has its rows (all of a shard's rows are in
+    one part, written after its output shard: ``pipeline/shard_writer.py``), none of them says the
+    shard could not be read or written (``SHARD_RETRY_ERRORS``), and its output shard exists
+    (one listing of ``--output``). With ``redo_other_checkpoint``, shards with an ok row from
+    another checkpoint are redone.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, root = storage.filesystem(manifest, endpoint_url)
+    report = ResumeReport(unit="shards")
+    same: set[str] = set()
+    for run_dir in run_dirs(fs, root):
+        run_config = _run_config(fs, run_dir)
+        theirs = resume_settings(run_config) if run_config is not None else None
+        differs = ["(no _config.json)"] if theirs is None else [
+            name for name in RESUME_SETTINGS if theirs[name] != rule.settings.get(name)
+        ]  # fmt: skip
+        if differs:
+            report.runs_other_settings[run_id_of(run_dir)] = differs
+        else:
+            same.add(run_id_of(run_dir))
+
+    def shards_of(path: str) -> tuple[bool, list, list, list, list]:
+        in_same = run_id_of(posixpath.dirname(path)) in same
+        columns = ["shard", *(["status", "error_type", "checkpoint_id"] if in_same else [])]
+        try:
+            table = read_part(fs, path, columns)
+        except (FileNotFoundError, OSError, pa.ArrowException, KeyError) as e:
+            log.warning("ignoring manifest part %s (no shard rows): %s", path, e)
+            return in_same, [], [], [], []
+        shards = table.column("shard").to_pylist()
+        if not in_same:
+            return in_same, sorted({s for s in shards if s}), [], [], []
+        counts: dict[str, list] = {}  # shard -> [rows, retry, foreign checkpoint]
+        for shard, status, error, checkpoint in zip(
+            shards, *(table.column(c).to_pylist() for c in columns[1:]), strict=True
+        ):
+            if not shard:
+                continue
+            entry = counts.setdefault(shard, [0, False, False])
+            entry[0] += 1
+            entry[1] |= error in SHARD_RETRY_ERRORS
+            entry[2] |= (
+                status == STATUS_OK and rule.checkpoint_id is not None and checkpoint != rule.checkpoint_id
+            )
+        names = sorted(counts)
+        return (
+            in_same,
+            names,
+            [counts[n][0] for n in names],
+            [counts[n][1] for n in names],
+            [counts[n][2] for n in names],
+        )
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        parts = list(pool.map(shards_of, part_paths(fs, root)))
+    existing = (
+        existing_output_digests(rule.verify_output, endpoint_url, rule.exclude)
+        if rule.verify_output is not None
+        else None
+    )
+    done: dict[bytes, int] = {}
+    other_settings, missing, retry, redone_checkpoint, other_checkpoint = set(), set(), set(), set(), set()
+    for in_same, names, rows, retried, foreign in parts:
+        digests = key_digests(names)
+        if not in_same:
+            other_settings.update(digests.tolist())
+            continue
+        present = contains(existing, digests) if existing is not None else np.ones(len(names), bool)
+        for digest, count, was_retry, is_foreign, here in zip(
+            digests.tolist(), rows, retried, foreign, present.tolist(), strict=True
+        ):
+            if was_retry:
+                retry.add(digest)
+            elif not here:
+                missing.add(digest)
+            elif is_foreign and rule.redo_other_checkpoint:
+                redone_checkpoint.add(digest)
+            else:
+                if is_foreign:
+                    other_checkpoint.add(digest)
+                done[digest] = max(done.get(digest, 0), count)
+    index = np.array(sorted(done), dtype="S16")
+    counts = np.array([done[d] for d in index.tolist()], dtype=np.int64)
+    report.skipped = len(index)
+    report.skipped_rows = int(counts.sum())
+    report.skipped_other_checkpoint = len(other_checkpoint)
+    report.redo_unfinished = len(retry - done.keys())
+    report.redo_other_checkpoint = len(redone_checkpoint - done.keys())
+    report.redo_output_missing = len(missing - done.keys())
+    report.redo_other_settings = len(other_settings - done.keys())
+    return report, (index, counts)
+
+
 def drop_completed(
-    page: dict[str, np.ndarray], index: np.ndarray | None
+    page: dict[str, np.ndarray], index: np.ndarray | tuple[np.ndarray, np.ndarray] | None
 ) -> tuple[dict[str, np.ndarray], int]:
     """Resuming: ``page`` without the keys in the resume index (completed by an earlier run), and
     how many it dropped. Done in the listing so that a finished input costs one digest lookup and
-    never reaches a read task, an actor, a writer or the driver."""
+    never reaches a read task, an actor, a writer or the driver. A sharded run's index is
+    ``(digests, rows)``: what it dropped counts each shard's rows."""
     if index is None or len(page["key"]) == 0:
         return page, 0
-    keep = ~contains(index, key_digests([str(k) for k in page["key"]]))
-    dropped = int(len(keep) - keep.sum())
-    return ({name: values[keep] for name, values in page.items()} if dropped else page), dropped
+    digests, rows = index if isinstance(index, tuple) else (index, None)
+    found = contains(digests, key_digests([str(k) for k in page["key"]]))
+    if rows is not None and found.any():
+        positions = np.searchsorted(digests, key_digests([str(k) for k in page["key"][found]]))
+        dropped = int(rows[positions].sum())
+    else:
+        dropped = int(found.sum())
+    keep = ~found
+    return ({name: values[keep] for name, values in page.items()} if found.any() else page), dropped
 
 
 def list_todo(
@@ -230,20 +351,22 @@ def list_todo(
 
     index = ray.get(index_ref[0]) if index_ref else None
     progress_board = board(run_id)
-    listed = skipped = 0
+    # Shards are not images: their rows are counted as the read tasks read them (ProgressBoard).
+    sharded = kwargs.get("layout", "files") != "files"
+    listed = skipped = shards = 0
     for page in list_images(batch, **kwargs):
-        listed += len(page["key"])
+        listed += 0 if sharded else len(page["key"])
         page, dropped = drop_completed(page, index)
         skipped += dropped
+        shards += len(page["key"])
         if progress_board is not None:
             progress_board.listing.remote(listed, skipped, False)
         metric_set = safely("record the listing", metric, INPAINT_LISTED)
-        if metric_set is not None:
+        if metric_set is not None and not sharded:
             metric_set.set(listed, tags={"run_id": run_id or "-"})
         if len(page["key"]):
             yield page
     if progress_board is not None:
         # Waited for: the driver reads the skipped count from the board once the rows stop coming.
-        safely(
-            "report the listing", ray.get, progress_board.listing.remote(listed, skipped, True), timeout=60
-        )
+        done = progress_board.listing.remote(listed, skipped, True, shards if sharded else None)
+        safely("report the listing", ray.get, done, timeout=60)

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
 
 def write_objects(root: str, files: dict[str, bytes], endpoint_url: str | None = None) -> None:
     """Put ``files`` (relative key -> bytes) under ``root``, any fsspec URI."""
@@ -10,3 +19,37 @@ def write_objects(root: str, files: dict[str, bytes], endpoint_url: str | None =
     fs, base = storage.filesystem(root, endpoint_url)
     for key, data in files.items():
         storage.atomic_write_bytes(fs, storage.join_key(base, key), data)
+
+
+def job_env(extra: dict | None = None) -> dict:
+    """The environment of a job started as its own process: this repository importable, without
+    a RAY_ADDRESS the test session may have set."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra or {})}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL everything the job started, the way a lost machine stops it: all at once.
+
+    Ray's workers put themselves in process groups of their own, so a killpg of the driver's group
+    leaves them running until they notice the raylet is gone, and one can still write a manifest
+    part after the test has counted them. They all stay in the session the test gave the driver.
+    """
+    deadline = time.time() + 30
+    while True:
+        alive = []
+        for entry in os.listdir("/proc"):
+            try:
+                # /proc/PID/stat after the command's ")": state ppid pgrp session ...
+                state, _, _, session = Path("/proc", entry, "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            except (OSError, ValueError):
+                continue  # not a process, or gone already
+            if int(session) == proc.pid and state != "Z":  # a zombie has stopped already
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry), signal.SIGKILL)
+                alive.append(entry)
+        if not alive or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    proc.wait()

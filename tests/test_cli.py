@@ -335,6 +335,30 @@ def test_local_runs_the_job_on_an_embedded_ray(s3_server, inputs):
     assert table.column("status").to_pylist() == ["ok", "ok"]
 
 
+def test_local_inpaints_webdataset_shards_named_by_a_brace_pattern(s3_server, inputs, photo_paths):
+    """The brace pattern passes the CLI's checks and reaches the job as given; the shard it names
+    that does not exist is a not_found row."""
+    import webdataset as wds
+
+    from pipeline.manifest import read_manifest
+
+    sink = io.BytesIO()
+    with wds.TarWriter(sink) as writer:
+        for i, path in enumerate(photo_paths[:2]):
+            image = io.BytesIO()
+            Image.open(path).convert("RGB").resize((48, 40)).save(image, format="JPEG")
+            writer.write({"__key__": f"0000{i}", "jpg": image.getvalue(), "txt": b"caption"})
+    s3_server.filesystem().pipe_file(f"{inputs}/wds/00000.tar", sink.getvalue())
+    out = "s3://test/cli/wds-out"
+    flags = inpaint_flags(inputs, out)
+    flags[1] = f"{inputs}/wds/{{00000..00001}}.tar"
+    result = glcic("submit-inpaint", *flags, "--local", timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_manifest(f"{out}/_manifest", endpoint_url=s3_server.endpoint_url).to_pylist()
+    assert sorted((r["shard"], r["input_key"] or "", r["error_type"] or "") for r in rows) == [
+        ("00000.tar", "00000", ""), ("00000.tar", "00001", ""), ("00001.tar", "", "not_found")]  # fmt: skip
+
+
 def test_relative_local_paths_are_made_absolute_before_submitting(tmp_path, monkeypatch):
     # A job runs in its own unpacked working_dir, where the user's relative paths mean nothing.
     from jobs.cli import INPAINT, TRAIN, absolute_local_paths

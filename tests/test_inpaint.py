@@ -7,10 +7,8 @@ every ``ok`` output is decoded and compared with its input outside the hole.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -31,7 +29,7 @@ from pipeline import storage
 from pipeline.checkpoint import ModelConfig, save_checkpoint
 from pipeline.decode import decode_image
 from pipeline.manifest import MANIFEST_COLUMNS, input_states, read_manifest
-from tests.helpers import write_objects
+from tests.helpers import job_env, kill_session, write_objects
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -356,38 +354,6 @@ def test_precision_channels_last_and_size_buckets(ray_local, checkpoint, photos)
             assert diff.max() <= tolerance and diff.mean() <= tolerance / 4, (kwargs, diff.max(), diff.mean())
 
 
-def _subprocess_env(extra: dict | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra or {})}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL everything the job started, the way a lost machine stops it: all at once.
-
-    Ray's workers put themselves in process groups of their own, so a killpg of the driver's group
-    leaves them running until they notice the raylet is gone, and one can still write a manifest
-    part after the test has counted them. They all stay in the session the test gave the driver.
-    """
-    deadline = time.time() + 30
-    while True:
-        alive = []
-        for entry in os.listdir("/proc"):
-            try:
-                # /proc/PID/stat after the command's ")": state ppid pgrp session ...
-                state, _, _, session = Path("/proc", entry, "stat").read_text().rsplit(")", 1)[1].split()[:4]
-            except (OSError, ValueError):
-                continue  # not a process, or gone already
-            if int(session) == proc.pid and state != "Z":  # a zombie has stopped already
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry), signal.SIGKILL)
-                alive.append(entry)
-        if not alive or time.time() > deadline:
-            break
-        time.sleep(0.05)
-    proc.wait()
-
-
 def test_gpu_actors_pinned_and_killed_actor_recovers(tmp_path, photos):
     """Logical GPUs: each actor holds its own GPU id; an actor killed mid-batch is restarted."""
     images = str(tmp_path / "in")
@@ -414,7 +380,7 @@ run(InpaintConfig(images={images!r}, output={output!r}, checkpoint={checkpoint!r
                   batch_size=2, num_actors=2, num_cpus_per_actor=0.5, manifest_rows_per_part=4, run_id="gpu"))
 """
     marker = tmp_path / "crashed"
-    env = _subprocess_env({"GLCIC_TEST_CRASH_AFTER_BATCHES": "2", "GLCIC_TEST_CRASH_MARKER": str(marker)})
+    env = job_env({"GLCIC_TEST_CRASH_AFTER_BATCHES": "2", "GLCIC_TEST_CRASH_MARKER": str(marker)})
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=240
     )
@@ -449,7 +415,7 @@ def test_killed_driver_then_resume(ray_local, tmp_path, photos, checkpoint):
     argv = ["--images", images, "--output", output, "--checkpoint", checkpoint, "--batch-size", "2",
             "--task-batch-size", "2", "--manifest-rows-per-part", "2", "--no-postprocess"]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.inpaint", *argv], env=_subprocess_env(), cwd=REPO, start_new_session=True,
+        [sys.executable, "-m", "jobs.inpaint", *argv], env=job_env(), cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     manifest = Path(output, "_manifest")
@@ -458,7 +424,7 @@ def test_killed_driver_then_resume(ray_local, tmp_path, photos, checkpoint):
         while time.time() < deadline and not list(manifest.glob("run_id=*/part-*.parquet")):
             time.sleep(0.1)
     finally:
-        _kill_session(proc)
+        kill_session(proc)
     (first_run,) = manifest.glob("run_id=*")
     assert not (first_run / "_SUCCESS.json").exists(), "the job finished before it could be killed"
     done_before = sum(pq.read_table(p).num_rows for p in first_run.glob("part-*.parquet"))

@@ -168,14 +168,23 @@ def test_input_states_and_the_documented_duckdb_query_agree(tmp_path):
 
     manifest = str(tmp_path / "manifest")
     first = rows(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], ["ok", "error", "error", "error"])
-    m.write_part(manifest, "20260101T000000Z-aaaa", m.rows_to_table(first))
+    # Written before shards existed: no shard columns at all.
+    old_part = m.rows_to_table(first).drop_columns(list(m.SHARD_COLUMNS))
+    m.write_part(manifest, "20260101T000000Z-aaaa", old_part)
     second = rows(["b.jpg", "c.jpg"], ["ok", "error"])
     second["error_type"][1] = "read_failed"
     m.write_part(manifest, "20260102T000000Z-bbbb", m.rows_to_table(second))
     # An older manifest's skipped row (before resuming moved into the listing) is ignored.
     m.write_part(manifest, "20260103T000000Z-cccc", m.rows_to_table(rows(["a.jpg"], ["skipped"])))
+    # Sharded samples: the same key in two shards is two inputs.
+    sharded = rows(["000001", "000001"], ["ok", "error"])
+    sharded["shard"] = ["s0.tar", "s1.tar"]
+    m.write_part(manifest, "20260104T000000Z-dddd", m.rows_to_table(sharded))
 
-    states = {r["input_key"]: r for r in m.input_states(manifest).to_pylist()}
+    all_states = m.input_states(manifest).to_pylist()
+    assert {(r["shard"], r["input_key"], r["status"]) for r in all_states if r["shard"]} == {
+        ("s0.tar", "000001", "ok"), ("s1.tar", "000001", "error")}  # fmt: skip
+    states = {r["input_key"]: r for r in all_states if not r["shard"]}
     assert sorted(states) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
     assert (states["a.jpg"]["status"], states["a.jpg"]["run_id"], states["a.jpg"]["attempts"]) == (
         "ok", "20260101T000000Z-aaaa", 1
@@ -189,23 +198,25 @@ def test_input_states_and_the_documented_duckdb_query_agree(tmp_path):
     assert (states["d.jpg"]["status"], states["d.jpg"]["error_type"]) == ("error", "not_an_image")
     assert m.input_states(str(tmp_path / "nothing")).num_rows == 0
 
-    rows_sql = f"read_parquet('{manifest}/*/*.parquet', hive_partitioning=true)"
+    rows_sql = f"read_parquet('{manifest}/*/*.parquet', hive_partitioning=true, union_by_name=true)"
     latest = f"""
-        select input_key,
+        select shard, input_key,
                count(*) filter (status = 'ok') as ok_rows,
                arg_max(status, (status = 'ok', run_id)) as status,
                arg_max_null(error_type, (status = 'ok', run_id)) as error_type,
                arg_max(input_uri, (status = 'ok', run_id)) as input_uri
-        from {rows_sql} where status in ('ok', 'error') group by input_key"""
-    got = {k: (s, e) for k, _, s, e, _ in duckdb.sql(latest).fetchall()}
-    assert got == {k: (r["status"], r["error_type"]) for k, r in states.items()}
+        from {rows_sql} where status in ('ok', 'error') group by shard, input_key"""
+    every = {(sh, k): (s, e) for sh, k, _, s, e, _ in duckdb.sql(latest).fetchall()}
+    assert every == {(r["shard"], r["input_key"]): (r["status"], r["error_type"]) for r in all_states}
+    got = {k: v for (sh, k), v in every.items() if sh is None}
     assert got["a.jpg"] == ("ok", None) and got["c.jpg"] == ("error", "read_failed")
     assert duckdb.sql(f"select count(*) from ({latest}) where ok_rows > 1").fetchall() == [(0,)]
     todo = sorted(
         u for (u,) in duckdb.sql(f"select input_uri from ({latest}) where status = 'error'").fetchall()
     )
-    assert todo == ["s3://bucket/in/c.jpg", "s3://bucket/in/d.jpg"]
+    assert todo == ["s3://bucket/in/000001", "s3://bucket/in/c.jpg", "s3://bucket/in/d.jpg"]
 
     runs = m.run_summaries(manifest)
-    assert [r for r, _ in runs] == ["20260101T000000Z-aaaa", "20260102T000000Z-bbbb", "20260103T000000Z-cccc"]
+    assert [r for r, _ in runs] == [
+        "20260101T000000Z-aaaa", "20260102T000000Z-bbbb", "20260103T000000Z-cccc", "20260104T000000Z-dddd"]  # fmt: skip
     assert all(summary is None for _, summary in runs)  # no _SUCCESS.json: none finished
