@@ -67,13 +67,19 @@ class LocalS3Server:
     """A real S3 server on 127.0.0.1, started and stopped by this process."""
 
     def __init__(
-        self, data_dir: str | None = None, buckets: tuple[str, ...] = (), startup_timeout: float = 90
+        self,
+        data_dir: str | None = None,
+        buckets: tuple[str, ...] = (),
+        startup_timeout: float = 90,
+        metrics: bool = False,
     ):
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="glcic-s3-")
         self.buckets = buckets
         self.startup_timeout = startup_timeout
         self.ports = {flag: free_port() for flag in _WEED_PORT_FLAGS}
+        if metrics:  # Prometheus metrics, where request_counts() reads what the server answered
+            self.ports["metricsPort"] = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3.port']}"
         self._proc: subprocess.Popen | None = None
         self._log_path = os.path.join(self.data_dir, "weed.log")
@@ -124,6 +130,20 @@ class LocalS3Server:
             except Exception:  # the filer may still be electing; keep asking until the deadline
                 time.sleep(0.5)
         raise RuntimeError(f"bucket {bucket!r} not ready on {self.endpoint_url}")
+
+    def request_counts(self) -> dict[str, int]:
+        """The S3 requests this server has answered so far, by type (GET, PUT, LIST, ...; a HEAD
+        counts as a GET), from its own metrics: every client, every process. Needs ``metrics=True``."""
+        import re
+
+        url = f"http://127.0.0.1:{self.ports['metricsPort']}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        counts: dict[str, int] = {}
+        for line in text.splitlines():
+            if line.startswith("SeaweedFS_s3_request_total{"):
+                kind = re.search(r'type="([^"]*)"', line).group(1)
+                counts[kind] = counts.get(kind, 0) + int(float(line.rsplit(" ", 1)[1]))
+        return counts
 
     def filesystem(self):
         import s3fs

@@ -60,6 +60,20 @@ class RowError(Exception):
         self.hole: float | None = None
 
 
+def _decoded_mask(data: bytes, name: str, height: int, width: int, options: ReadOptions) -> np.ndarray:
+    """A mask file's bytes -> HxW {0, 1} of the image's size, or the ``RowError`` saying why not."""
+    try:
+        mask = decode_mask(data, options.max_pixels)
+    except DecodeError as e:
+        raise RowError(f"mask_{e.kind}", f"mask {name!r}: {e}") from None
+    if mask.shape != (height, width):
+        raise RowError(
+            "mask_size_mismatch",
+            f"mask {name!r} is {mask.shape[1]}x{mask.shape[0]}, the image is {width}x{height}",
+        )
+    return mask
+
+
 def _load_mask(key: str, height: int, width: int, options: ReadOptions) -> tuple[np.ndarray, str]:
     fs, root = storage.filesystem(options.masks, options.endpoint_url)
     for candidate in _mask_candidates(key):
@@ -68,16 +82,7 @@ def _load_mask(key: str, height: int, width: int, options: ReadOptions) -> tuple
             data = storage.with_retries(lambda path=path: storage.read_bytes(fs, path))
         except FileNotFoundError:
             continue
-        try:
-            mask = decode_mask(data, options.max_pixels)
-        except DecodeError as e:
-            raise RowError(f"mask_{e.kind}", f"mask {candidate!r}: {e}") from None
-        if mask.shape != (height, width):
-            raise RowError(
-                "mask_size_mismatch",
-                f"mask {candidate!r} is {mask.shape[1]}x{mask.shape[0]}, the image is {width}x{height}",
-            )
-        return mask, candidate
+        return _decoded_mask(data, candidate, height, width, options), candidate
     raise RowError("mask_missing", f"no mask for {key!r} under --masks (tried {_mask_candidates(key)})")
 
 
@@ -137,16 +142,7 @@ def _with_hole(key, decoded, image, h, w, start, options, mask_data, mask_name) 
         image = scale_and_crop(image, options.crop, None)
     mask_key, mask_read_s = "", 0.0
     if mask_data is not None:
-        try:
-            mask = decode_mask(mask_data, options.max_pixels)
-        except DecodeError as e:
-            raise RowError(f"mask_{e.kind}", f"mask {mask_name!r}: {e}") from None
-        if mask.shape != (h, w):
-            raise RowError(
-                "mask_size_mismatch",
-                f"mask {mask_name!r} is {mask.shape[1]}x{mask.shape[0]}, the image is {w}x{h}",
-            )
-        mask_key = mask_name
+        mask, mask_key = _decoded_mask(mask_data, mask_name, h, w, options), mask_name
     elif options.masks is None:
         mask = _generate_mask(key, *image.shape[:2], options)
     else:

@@ -119,6 +119,23 @@ def _run_config(fs, run_dir: str) -> dict | None:
         return None
 
 
+def _runs_with_same_settings(fs, root: str, rule: ResumeRule, report: ResumeReport) -> set[str]:
+    """The ids of the runs under ``root`` whose ``_config.json`` has this run's ``RESUME_SETTINGS``;
+    the others go into ``report.runs_other_settings`` with what differs."""
+    same: set[str] = set()
+    for run_dir in run_dirs(fs, root):
+        run_config = _run_config(fs, run_dir)
+        theirs = resume_settings(run_config) if run_config is not None else None
+        differs = ["(no _config.json)"] if theirs is None else [
+            name for name in RESUME_SETTINGS if theirs[name] != rule.settings.get(name)
+        ]  # fmt: skip
+        if differs:
+            report.runs_other_settings[run_id_of(run_dir)] = differs
+        else:
+            same.add(run_id_of(run_dir))
+    return same
+
+
 def existing_output_digests(output: str, endpoint_url: str | None, exclude: tuple[str, ...]) -> np.ndarray:
     """Sorted digests of every object's key under ``output`` (one listing, a page at a time)."""
     fs, root = storage.filesystem(output, endpoint_url, cached=False)
@@ -146,17 +163,7 @@ def resume_index(
 
     fs, root = storage.filesystem(manifest, endpoint_url)
     report = ResumeReport()
-    same: set[str] = set()
-    for run_dir in run_dirs(fs, root):
-        run_config = _run_config(fs, run_dir)
-        theirs = resume_settings(run_config) if run_config is not None else None
-        differs = ["(no _config.json)"] if theirs is None else [
-            name for name in RESUME_SETTINGS if theirs[name] != rule.settings.get(name)
-        ]  # fmt: skip
-        if differs:
-            report.runs_other_settings[run_id_of(run_dir)] = differs
-        else:
-            same.add(run_id_of(run_dir))
+    same = _runs_with_same_settings(fs, root, rule, report)
 
     def ok_rows(path: str) -> tuple[bool, np.ndarray, np.ndarray, list]:
         in_same = run_id_of(posixpath.dirname(path)) in same
@@ -234,17 +241,7 @@ def shard_resume_index(
 
     fs, root = storage.filesystem(manifest, endpoint_url)
     report = ResumeReport(unit="shards")
-    same: set[str] = set()
-    for run_dir in run_dirs(fs, root):
-        run_config = _run_config(fs, run_dir)
-        theirs = resume_settings(run_config) if run_config is not None else None
-        differs = ["(no _config.json)"] if theirs is None else [
-            name for name in RESUME_SETTINGS if theirs[name] != rule.settings.get(name)
-        ]  # fmt: skip
-        if differs:
-            report.runs_other_settings[run_id_of(run_dir)] = differs
-        else:
-            same.add(run_id_of(run_dir))
+    same = _runs_with_same_settings(fs, root, rule, report)
 
     def shards_of(path: str) -> tuple[bool, list, list, list, list]:
         in_same = run_id_of(posixpath.dirname(path)) in same

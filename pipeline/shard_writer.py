@@ -31,7 +31,7 @@ from pipeline.manifest import STATUS_ERROR, STATUS_OK
 from pipeline.metrics import RowTally
 from pipeline.shard_data import pack, pixels, unpack
 from pipeline.shard_layout import stats_key
-from pipeline.writer import LOSSLESS_ENCODERS, _finish, encode
+from pipeline.writer import LOSSLESS_ENCODERS, encode, postprocessed
 
 EXTENSION_ENCODERS = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}
 FORMAT_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -79,7 +79,7 @@ def _encode_sample(row: dict, encoder: str, postprocess: bool) -> tuple[bytes, b
     h, w = row["height"], row["width"]
     completed = np.array(pixels(row["completed"], h, w))
     mask = pixels(row["mask"], h, w, channels=1)
-    final = _finish(completed, mask, postprocess and not row["blended"])
+    final = postprocessed(completed, mask, postprocess and not row["blended"])
     alpha = pixels(row["alpha"], h, w, channels=1) if row["alpha"] else None
     data = encode(final, encoder, alpha, row["icc_profile"] or None)
     exact = bool(row["source_exact"]) and encoder in LOSSLESS_ENCODERS

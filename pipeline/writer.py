@@ -78,7 +78,9 @@ class WriteOptions:
     run_id: str = ""  # labels the live figures (pipeline.metrics)
 
 
-def _finish(completed: np.ndarray, mask: np.ndarray, postprocess: bool) -> np.ndarray:
+def postprocessed(completed: np.ndarray, mask: np.ndarray, postprocess: bool) -> np.ndarray:
+    """The paper's post-processing of a completion (OpenCV, in the CPU write tasks), or the
+    completion as it is when ``postprocess`` is off or there is no hole."""
     if not postprocess or not mask.any():
         return completed
     from model.postprocess import blend
@@ -111,7 +113,7 @@ def encode_write(batch: dict[str, np.ndarray], *, options: WriteOptions) -> dict
         try:
             mask = batch["mask"][i]
             blended = "blended" in batch and bool(batch["blended"][i])
-            final = _finish(batch["completed"][i], mask, options.postprocess and not blended)
+            final = postprocessed(batch["completed"][i], mask, options.postprocess and not blended)
             encoder = batch["encoder"][i]
             alpha = batch["alpha"][i] if "alpha" in batch else None
             has_alpha = alpha is not None and alpha.size > 0

@@ -53,3 +53,38 @@ def kill_session(proc: subprocess.Popen) -> None:
             break
         time.sleep(0.05)
     proc.wait()
+
+
+def tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar of ``(name, data)`` members in this order, written with Python's tarfile: members a
+    WebDataset writer would never produce (split keys, duplicates) included."""
+    import io
+    import tarfile
+
+    sink = io.BytesIO()
+    with tarfile.open(fileobj=sink, mode="w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return sink.getvalue()
+
+
+def kill_at_first_part(argv: list[str], manifest: Path, timeout_s: float = 180) -> Path:
+    """Run ``python -m jobs.inpaint argv`` and kill it (``kill_session``) once its first manifest
+    part is written; returns the run's folder, which must not hold a _SUCCESS.json yet."""
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.inpaint", *argv], env=job_env(), cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and not list(manifest.glob("run_id=*/part-*.parquet")):
+            time.sleep(0.1)
+    finally:
+        kill_session(proc)
+    (run_dir,) = manifest.glob("run_id=*")
+    assert not (run_dir / "_SUCCESS.json").exists(), "the job finished before it could be killed"
+    return run_dir

@@ -128,3 +128,20 @@ def test_rerun_bench_reruns_with_no_rows_and_redoes_only_what_was_forgotten(tmp_
     assert figures["half"]["rows_added"] == n - kept
     assert figures["manifest_bytes_after_rerun"] == figures["manifest_bytes_after_first"]
     assert positive(figures["rerun_over_first"]) and positive(figures["half_over_first"])
+
+
+@pytest.mark.timeout(300)
+def test_shards_bench_counts_requests_and_blocks_for_files_and_tars(tmp_path):
+    figures = run_bench("shards.py", tmp_path, "--layouts", "files,webdataset")
+    cases = {(c["store"], c["layout"]): c for c in figures["cases"]}
+    assert set(cases) == {(s, layout) for s in ("local", "s3") for layout in ("files", "webdataset")}
+    for case in cases.values():
+        assert positive(case["images_per_s"]) and positive(case["driver_peak_rss_mib"])
+        assert case["inputs_listed"] == (
+            case["images"] if case["layout"] == "files" else case["images"] // 100
+        )
+    # Counted, not timed: what the server answered and the blocks Ray Data made.
+    files, tars = cases[("s3", "files")], cases[("s3", "webdataset")]
+    assert files["requests_per_1000_images"] > tars["requests_per_1000_images"] > 0
+    assert files["read_stage_blocks"] > tars["read_stage_blocks"] == files["images"] // 100
+    assert positive(figures["ratios"]["s3/webdataset"]["requests_files_over_shards"])

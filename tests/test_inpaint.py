@@ -12,7 +12,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from pipeline import storage
 from pipeline.checkpoint import ModelConfig, save_checkpoint
 from pipeline.decode import decode_image
 from pipeline.manifest import MANIFEST_COLUMNS, input_states, read_manifest
-from tests.helpers import job_env, kill_session, write_objects
+from tests.helpers import job_env, kill_at_first_part, write_objects
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -414,19 +413,8 @@ def test_killed_driver_then_resume(ray_local, tmp_path, photos, checkpoint):
     # is over (bar _SUCCESS.json) by the time its first manifest part appears.
     argv = ["--images", images, "--output", output, "--checkpoint", checkpoint, "--batch-size", "2",
             "--task-batch-size", "2", "--manifest-rows-per-part", "2", "--no-postprocess"]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.inpaint", *argv], env=job_env(), cwd=REPO, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     manifest = Path(output, "_manifest")
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not list(manifest.glob("run_id=*/part-*.parquet")):
-            time.sleep(0.1)
-    finally:
-        kill_session(proc)
-    (first_run,) = manifest.glob("run_id=*")
-    assert not (first_run / "_SUCCESS.json").exists(), "the job finished before it could be killed"
+    first_run = kill_at_first_part(argv, manifest)
     done_before = sum(pq.read_table(p).num_rows for p in first_run.glob("part-*.parquet"))
     assert 0 < done_before < n
 

@@ -3,9 +3,7 @@ library's own reader), damaged tars, Parquet row groups, the layout a listing fi
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -14,16 +12,7 @@ import pytest
 
 from pipeline import parquet_shard, shard_layout, tar_shard
 from pipeline.shard_writer import output_member, sniffed_encoder
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    sink = io.BytesIO()
-    with tarfile.open(fileobj=sink, mode="w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return sink.getvalue()
+from tests.helpers import tar_of
 
 
 def test_sample_keys_are_webdatasets(tmp_path):
@@ -48,20 +37,20 @@ def test_sample_keys_are_webdatasets(tmp_path):
 
 
 def test_an_image_member_is_chosen_by_the_last_part_of_its_extension():
-    contents = tar_shard.read_tar(tar_bytes([("k.seg.png", b"s"), ("k.json", b"{}"), ("k.mask.png", b"m")]))
+    contents = tar_shard.read_tar(tar_of([("k.seg.png", b"s"), ("k.json", b"{}"), ("k.mask.png", b"m")]))
     assert tar_shard.image_member(contents.samples[0]).name == "k.seg.png"
-    two = tar_shard.read_tar(tar_bytes([("k.jpg", b"1"), ("k.png", b"2")])).samples[0]
+    two = tar_shard.read_tar(tar_of([("k.jpg", b"1"), ("k.png", b"2")])).samples[0]
     with pytest.raises(ValueError, match="--image-ext"):
         tar_shard.image_member(two)
     assert tar_shard.image_member(two, "png").name == "k.png"
-    none = tar_shard.read_tar(tar_bytes([("k.json", b"{}")])).samples[0]
+    none = tar_shard.read_tar(tar_of([("k.json", b"{}")])).samples[0]
     with pytest.raises(ValueError, match="no member"):
         tar_shard.image_member(none)
 
 
 def test_split_keys_and_duplicate_members_are_errors_of_their_sample_never_merged():
     contents = tar_shard.read_tar(
-        tar_bytes([("a.jpg", b"1"), ("b.jpg", b"2"), ("a.json", b"{}"), ("c.jpg", b"3"), ("c.jpg", b"4")])
+        tar_of([("a.jpg", b"1"), ("b.jpg", b"2"), ("a.json", b"{}"), ("c.jpg", b"3"), ("c.jpg", b"4")])
     )
     errors = {s.key: s.error[0] if s.error else None for s in contents.samples}
     assert errors == {"a": "split_key", "b": None, "c": "duplicate_member"}
@@ -70,7 +59,7 @@ def test_split_keys_and_duplicate_members_are_errors_of_their_sample_never_merge
 
 def test_a_truncated_tar_keeps_every_complete_member_before_the_damage():
     members = [(f"{k}.{ext}", bytes([i]) * 3000) for i, k in enumerate("abc") for ext in ("jpg", "json")]
-    data = tar_bytes(members)
+    data = tar_of(members)
     # Cut inside c.jpg's data: a and b are whole, c is a truncated sample.
     cut = data[: data.index(b"c.jpg") + 512 + 1000]
     contents = tar_shard.read_tar(cut)

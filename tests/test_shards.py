@@ -22,6 +22,7 @@ from model.masks import generate_mask
 from pipeline import storage
 from pipeline.decode import decode_image
 from pipeline.manifest import read_manifest
+from tests.helpers import tar_of
 
 
 def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
@@ -38,16 +39,6 @@ def rect_mask(h: int, w: int) -> np.ndarray:
     mask = np.zeros((h, w), np.uint8)
     mask[10:30, 12:40] = 1
     return mask
-
-
-def tar_of(members: list[tuple[str, bytes]]) -> bytes:
-    sink = io.BytesIO()
-    with tarfile.open(fileobj=sink, mode="w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return sink.getvalue()
 
 
 def the_mask(row: dict) -> np.ndarray:
@@ -323,14 +314,11 @@ def test_a_shard_above_the_multipart_threshold_on_s3(ray_local, s3_prefix, photo
 def test_killed_driver_redoes_at_most_the_shards_in_flight(ray_local, tmp_path, photos, tiny_checkpoint):
     """Kill the job mid-run: the rerun skips every shard with manifest rows, redoes the rest, and
     each sample ends with exactly one ok row and exactly once in the output shards."""
-    import subprocess
-    import sys
-    import time
 
     import webdataset as wds
 
     from jobs.config import parse_config
-    from tests.helpers import REPO, job_env, kill_session
+    from tests.helpers import kill_at_first_part
 
     shards, per_shard = 12, 3
     images = tmp_path / "in"
@@ -343,19 +331,8 @@ def test_killed_driver_redoes_at_most_the_shards_in_flight(ray_local, tmp_path, 
     output = tmp_path / "out"
     argv = ["--images", str(images), "--output", str(output), "--checkpoint", tiny_checkpoint, "--batch-size",
             "2", "--manifest-rows-per-part", "1", "--no-postprocess", "--max-side", "0"]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.inpaint", *argv], env=job_env(), cwd=REPO, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     manifest = output / "_manifest"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not list(manifest.glob("run_id=*/part-*.parquet")):
-            time.sleep(0.1)
-    finally:
-        kill_session(proc)
-    (first_run,) = manifest.glob("run_id=*")
-    assert not (first_run / "_SUCCESS.json").exists(), "the job finished before it could be killed"
+    kill_at_first_part(argv, manifest)
     first_rows = read_manifest(str(manifest)).to_pylist()
     done_shards = {r["shard"] for r in first_rows}
     assert 0 < len(done_shards) < shards
