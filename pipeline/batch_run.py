@@ -160,49 +160,42 @@ def predictor_kwargs(config, pool: ActorPool, **extra) -> dict:
 def inference_stage(ds, config, **predictor_options):
     """``ds`` through the ``InpaintPredictor`` actor pool (``predictor_options``: e.g. postprocess,
     keep_images), sized by ``actor_pool``."""
-    import ray
-
-    from pipeline.faults import forwarded
     from pipeline.inference import InpaintPredictor
 
-    pool = actor_pool(config, ray.cluster_resources(), reachable_resources())
-    print(
-        f"inference actors: {pool.min_size} to {pool.max_size or 'as many as the cluster grows to'} "
-        f"(starting with {pool.initial_size}), {pool.num_gpus} GPU and {pool.num_cpus} CPU each, "
-        f"computing on {config.device}"
-    )
-    return ds.map_batches(
-        InpaintPredictor,
-        batch_size=config.inference_batch_size(pool.num_gpus),
-        compute=pool.strategy(config.actor_tasks_in_flight),
-        fn_constructor_kwargs=predictor_kwargs(config, pool, **predictor_options),
-        **forwarded({"num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus}),  # + the test-only faults
-    )
+    return _actor_stage(ds, config, InpaintPredictor, None, **predictor_options)
 
 
 def shard_inference_stage(ds, config, **predictor_options):
     """``ds`` (one row per shard) through the ``ShardInpaintPredictor`` actor pool: a shard per
     call, its images completed ``inference_batch_size`` at a time."""
+    from pipeline.inference import ShardInpaintPredictor
+
+    return _actor_stage(ds, config, ShardInpaintPredictor, 1, **predictor_options)
+
+
+def _actor_stage(ds, config, predictor, rows_per_call: int | None, **predictor_options):
+    """``ds`` through an actor pool of ``predictor`` sized by ``actor_pool``: ``rows_per_call``
+    rows a call (a shard's row), or None: the inference batch of images itself."""
     import ray
 
     from pipeline.faults import forwarded
-    from pipeline.inference import ShardInpaintPredictor
 
     pool = actor_pool(config, ray.cluster_resources(), reachable_resources())
+    per_call = ", a shard per call" if rows_per_call else ""
     print(
         f"inference actors: {pool.min_size} to {pool.max_size or 'as many as the cluster grows to'} "
         f"(starting with {pool.initial_size}), {pool.num_gpus} GPU and {pool.num_cpus} CPU each, "
-        f"computing on {config.device}, a shard per call"
+        f"computing on {config.device}{per_call}"
     )
-    kwargs = predictor_kwargs(
-        config, pool, batch_size=config.inference_batch_size(pool.num_gpus), **predictor_options
-    )
+    images_per_batch = config.inference_batch_size(pool.num_gpus)
+    if rows_per_call:
+        predictor_options["batch_size"] = images_per_batch  # the actor batches a shard's images
     return ds.map_batches(
-        ShardInpaintPredictor,
-        batch_size=1,
+        predictor,
+        batch_size=rows_per_call or images_per_batch,
         compute=pool.strategy(config.actor_tasks_in_flight),
-        fn_constructor_kwargs=kwargs,
-        **forwarded({"num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus}),
+        fn_constructor_kwargs=predictor_kwargs(config, pool, **predictor_options),
+        **forwarded({"num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus}),  # + the test-only faults
     )
 
 

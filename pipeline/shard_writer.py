@@ -144,8 +144,7 @@ def _build_tar(path: str, source: bytes, done: dict[int, dict], options: ShardWr
         writer.close()
 
 
-def _build_parquet(path: str, source: bytes, done: dict[int, dict], samples: list[dict], options) -> None:
-    table = parquet_shard.read_parquet(source)
+def _build_parquet(path: str, table: pa.Table, done: dict[int, dict], samples: list[dict], options) -> None:
     image_col = samples[0]["member"] if samples else None
     keep, images, masks = [], [], []
     original = table.column(image_col).to_pylist() if image_col else []
@@ -252,8 +251,9 @@ def write_shard(batch: dict[str, np.ndarray], *, options: ShardWriteOptions) -> 
                                             for r in samples if not r["key"])  # fmt: skip
         if readable:
             source_encoders = {}
-            if options.layout == "parquet" and options.output_format == "same" and samples:
-                column = parquet_shard.read_parquet(source).column(samples[0]["member"]).to_pylist()
+            table = parquet_shard.read_parquet(source) if options.layout == "parquet" else None  # read once
+            if table is not None and options.output_format == "same" and samples:
+                column = table.column(samples[0]["member"]).to_pylist()
                 source_encoders = {i: sniffed_encoder(v) for i, v in enumerate(column)}
             done = _encode_all(samples, options, source_encoders)
             path = storage.join_key(root, shard)
@@ -264,7 +264,7 @@ def write_shard(batch: dict[str, np.ndarray], *, options: ShardWriteOptions) -> 
                     if options.layout == "webdataset":
                         _build_tar(local, source, done, options)
                     else:
-                        _build_parquet(local, source, done, samples, options)
+                        _build_parquet(local, table, done, samples, options)
                     storage.with_retries(
                         lambda local=local, path=path: storage.atomic_put_file(fs, local, path)
                     )

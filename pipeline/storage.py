@@ -351,16 +351,29 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     (and other POSIX-like) file systems we write a hidden temporary beside the target and rename
     it over, which is atomic within one directory.
     """
-    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    parent = posixpath.dirname(path)
-    if proto in ("file", "local"):
-        os.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".glcic-tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+    if _is_local(fs):
+        _replace_locally(path, lambda tmp: _write_file(tmp, data))
         return
     fs.pipe_file(path, data)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return proto in ("file", "local")
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _replace_locally(path: str, fill: Callable[[str], None]) -> None:
+    """``fill`` a hidden temporary beside ``path``, then rename it over: atomic in one directory."""
+    parent = posixpath.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = posixpath.join(parent, f".glcic-tmp-{uuid.uuid4().hex}")
+    fill(tmp)
+    os.replace(tmp, path)
 
 
 # Parts of a multipart upload (S3 then uses one above twice this): a failed part resends only
@@ -376,14 +389,10 @@ def atomic_put_file(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -
     rename, and copy + delete would double the bytes and leak temporaries); s3fs aborts a
     multipart upload that fails, and a lifecycle rule (README) cleans up one a crash leaves.
     """
-    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    if proto in ("file", "local"):
-        parent = posixpath.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".glcic-tmp-{uuid.uuid4().hex}")
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, path)
+    if _is_local(fs):
+        _replace_locally(path, lambda tmp: shutil.copyfile(local_path, tmp))
         return
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     options = {"chunksize": UPLOAD_CHUNK_BYTES} if proto in ("s3", "s3a") else {}
     fs.put_file(local_path, path, **options)
 
