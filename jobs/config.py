@@ -16,11 +16,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
+
+from model import schedule
 
 C = TypeVar("C")
 
@@ -105,6 +108,13 @@ class TrainConfig:
         "steps (each copy gets its own random crop); 1 = each image once",
         16,
     )
+    resident_max_gib: float = flag(
+        "a training set whose decoded copies (scaled for cropping: about 10 bytes x image_size^2 an image) "
+        "fit in this many GiB per worker is read and decoded once and held by the workers, which cut fresh "
+        "random crops from it every step; larger sets stream through Ray Data, decoded again every epoch; "
+        "0: always stream",
+        4.0,
+    )
     log_shard_keys: bool = flag("write the keys each worker read in its first epoch to <run>/shards/", False)
     init_generator: str | None = flag(
         "start the completion network from this exported checkpoint (an earlier segment's --output, or "
@@ -116,6 +126,26 @@ class TrainConfig:
         "the step a fresh run starts at, so a segment that carries a generator forward (--init-generator) "
         "continues the schedule: its phase, its masks and its step count",
         0,
+    )
+    time_budget_s: float = flag(
+        "wall-clock seconds for the whole run from its submission, export included: training stops "
+        "cleanly after the step that would overrun it (a final checkpoint, validation and export as at a "
+        "normal end), wherever it is in the schedule; 0: no budget",
+        0.0,
+    )
+    schedule_fractions: str | None = flag(
+        "with --time-budget-s: the shares of the training time of phases 1, 2 and 3, e.g. 0.8,0.1,0.1; "
+        "tc, td and t_train are then planned from the step rates measured on the hardware (each phase "
+        "timed once it runs, re-planned at each phase boundary), and validation runs at the phase ends "
+        "and 3 times inside phase 1 instead of every --val-every steps; the given tc / td / t_train only "
+        "hold until the first plan",
+        None,
+    )
+    export: Literal["best", "last"] = flag(
+        "which completion network --output gets: best, the one of the highest validation hole PSNR "
+        "(the raw network, no post-processing; phase 3's adversarial loss can lower it), or last, the "
+        "final step's; best needs validation images, and falls back to last without them",
+        "best",
     )
 
     def __post_init__(self):
@@ -138,6 +168,17 @@ class TrainConfig:
             problems.append(
                 f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})"
             )
+        if self.resident_max_gib < 0:
+            problems.append(f"resident_max_gib must be >= 0, got {self.resident_max_gib}")
+        if self.time_budget_s < 0 or not math.isfinite(self.time_budget_s):
+            problems.append(f"time_budget_s must be >= 0, got {self.time_budget_s}")
+        if self.schedule_fractions is not None:
+            try:
+                schedule.parse_fractions(self.schedule_fractions)
+            except ValueError as e:
+                problems.append(str(e))
+            if not self.time_budget_s:
+                problems.append("schedule_fractions needs time_budget_s: they are shares of that time")
         problems += _at_least_one(
             self,
             "val_every",
@@ -154,11 +195,15 @@ class TrainConfig:
     def hole_range(self) -> tuple[int, int]:
         return (self.hole_min, self.hole_max)
 
+    def schedule(self) -> schedule.Schedule:
+        return schedule.Schedule(self.tc, self.td, self.t_train)
+
     def phase(self, step: int) -> int:
         """The phase that runs the update of ``step`` (0-based)."""
-        if step < self.tc:
-            return 1
-        return 2 if step < self.tc + self.td else 3
+        return self.schedule().phase(step)
+
+    def fractions(self) -> tuple[float, float, float] | None:
+        return schedule.parse_fractions(self.schedule_fractions) if self.schedule_fractions else None
 
     def run_uri(self) -> str:
         from pipeline import storage

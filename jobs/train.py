@@ -37,8 +37,15 @@ from jobs.config import TrainConfig, parse_config, print_config, save_config, to
 from model.completion import CompletionNetwork, images_to_tensor
 from model.discriminator import ContextDiscriminator
 from model.gan import evaluate, make_optimizer, progress_grid, sync_batchnorm, train_step
+from model.schedule import BudgetPlanner, Schedule
 from pipeline import faults, storage, train_data
-from pipeline.checkpoint import CONFIG_FILE, ModelConfig, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import (
+    CONFIG_FILE,
+    ModelConfig,
+    load_checkpoint,
+    save_checkpoint,
+    unwrapped_state_dict,
+)
 from pipeline.faults import KILL_AT_STEP_ENV, KILL_IN_UPLOAD_ENV
 from pipeline.metrics import TrainReporter
 
@@ -149,7 +156,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     opt_g = make_optimizer(config.optimizer, generator.parameters(), config.lr_g)
     opt_d = make_optimizer(config.optimizer, discriminator.parameters(), config.lr_d)
 
-    start_step, best_l1 = config.start_step, math.inf  # unless resumed from a run checkpoint
+    # Unless resumed from a run checkpoint: the step, the best validation so far, the schedule.
+    start_step, best_psnr, plan = config.start_step, -math.inf, config.schedule()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -164,8 +172,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         mean_from["mean_pixel_from"] = (
             loaded.config.extra.get("mean_pixel_from") or mean_from["mean_pixel_from"]
         )
-        best_l1 = float(loaded.config.extra.get("best_val_hole_l1", math.inf))
-        print(f"[rank {rank}] resumed from step {start_step} (phase {config.phase(start_step)})")
+        best_psnr = float(loaded.config.extra.get("best_val_hole_psnr", -math.inf))
+        if config.fractions() is not None and "schedule" in loaded.config.extra:
+            plan = Schedule(**loaded.config.extra["schedule"])  # planned before the restart
+        print(f"[rank {rank}] resumed from step {start_step} (phase {plan.phase(start_step)})")
     elif config.init_generator:
         # A new segment of a longer schedule: only the completion network travels between segments
         # (its fp16 export is small); the discriminator and the optimizer states start fresh.
@@ -174,7 +184,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # The mean pixel is the checkpoint's: the driver read it and passed it in loop_config.
         print(
             f"[rank {rank}] generator from {config.init_generator} (its step {loaded.config.step}); "
-            f"starting at step {start_step} (phase {config.phase(start_step)})"
+            f"starting at step {start_step} (phase {plan.phase(start_step)})"
         )
 
     generator = ray.train.torch.prepare_model(generator, move_to_device=False)
@@ -192,20 +202,46 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_uri = config.run_uri()
     per_worker_batch = config.batch_size // world
     keys_log: list[str] | None = [] if config.log_shard_keys else None
-    batches = endless_batches(ray.train.get_dataset_shard("train"), per_worker_batch, keys_log)
-    phase_ends = {config.tc, config.tc + config.td, config.t_train}
-    # Rank 0's live figures: Ray metrics and <run>/_progress.json (pipeline.metrics).
-    reporter = TrainReporter(config.run_name, run_uri, config.t_train, endpoint_url) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    if loop_config.get("resident"):
+        held = train_data.ResidentImages.from_shard(
+            shard, config.image_size, seed=[config.seed, rank, start_step]
+        )
+        print(f"[rank {rank}] holds {len(held.keys)} training images decoded ({held.nbytes / 2**20:.0f} MiB)")
+        batches = held.batches(per_worker_batch)
+        if keys_log is not None:
+            keys_log.extend(held.keys)
+    else:
+        batches = endless_batches(shard, per_worker_batch, keys_log)
 
-    window_start, window_steps = time.perf_counter(), 0
-    last: dict[str, float] = {}
-    for step in range(start_step, config.t_train):
-        phase = config.phase(step)
-        keys, images_u8 = next(batches)
-        masks_np, boxes_np = train_data.batch_masks(
+    def masks_for(keys, step):
+        return train_data.batch_masks(
             keys, step=step, seed=config.seed, image_size=config.image_size,
             local_size=config.local_size, hole_range=config.hole_range, kind=config.train_masks,
         )  # fmt: skip
+
+    # Crops and masks of the next steps are made in a thread while this one computes.
+    inputs = train_data.prefetched(train_data.step_inputs(batches, start_step, masks_for))
+    # Rank 0's live figures: Ray metrics and <run>/_progress.json (pipeline.metrics).
+    reporter = TrainReporter(config.run_name, run_uri, plan.t_train, endpoint_url) if rank == 0 else None
+    deadline = loop_config.get("deadline")
+    # Rank 0 plans (model/schedule.py); every rank follows the plan it broadcasts.
+    planner = (
+        BudgetPlanner(plan, start_step, deadline, config.fractions())
+        if deadline is not None and rank == 0
+        else None
+    )
+    planned = config.fractions() is not None
+    best_state: dict[str, torch.Tensor] | None = None  # the generator of best_psnr, on the CPU
+    validations: list[dict] = []  # this attempt's validation curve, stated in the export
+
+    window_start, window_steps = time.perf_counter(), 0
+    last: dict[str, float] = {}
+    step = start_step
+    while step < plan.t_train:
+        phase = plan.phase(step)
+        keys, images_u8, masks_np, boxes_np = next(inputs)
+        step_started = time.perf_counter()
         images = images_to_tensor(images_u8, device, config.channels_last)
         masks = torch.from_numpy(masks_np).to(device, non_blocking=True)
         boxes = torch.from_numpy(boxes_np).to(device)
@@ -220,15 +256,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"non-finite loss at step {step} (phase {phase}): {last}; lower the learning rates"
             )
         window_steps += 1
-        done = step + 1  # steps completed: what a checkpoint taken now records
+        step = done = step + 1  # steps completed: what a checkpoint taken now records
+        if deadline is not None:
+            # The losses' .item() waited for the GPU: this is the step's whole time.
+            new_plan = planner.after_step(done, time.perf_counter() - step_started) if planner else plan
+            plan = agree(new_plan, world, device)
+            if reporter is not None:
+                reporter.t_train = plan.t_train
         _maybe_kill(KILL_AT_STEP_ENV, done)
 
-        is_checkpoint = done % config.checkpoint_every == 0 or done in phase_ends
-        is_val = val is not None and (done % config.val_every == 0 or done == config.t_train)
+        is_checkpoint = done % config.checkpoint_every == 0 or done in plan.phase_ends
+        validation_due = done in plan.validation_steps() if planned else done % config.val_every == 0
+        is_val = val is not None and (validation_due or done == plan.t_train)
         if not (is_checkpoint or is_val or done % config.log_every == 0):
             continue
 
-        elapsed = time.perf_counter() - window_start
+        overhead_started = time.perf_counter()
+        elapsed = overhead_started - window_start
         metrics = {
             "step": done,
             "phase": phase,
@@ -240,20 +284,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if is_val and rank == 0:
             val_metrics, completed = evaluate(generator, val_images, val_masks, mean_pixel)
             metrics.update(val_metrics)
+            validations.append({"step": done, "phase": phase, **val_metrics})
             grid = progress_grid(val_images, val_masks, completed, mean_pixel)
             write_png(storage.join_key(run_uri, f"progress/step-{done:09d}.png"), grid, endpoint_url)
-            if val_metrics["val_hole_l1"] < best_l1:
-                best_l1 = val_metrics["val_hole_l1"]
+            if val_metrics["val_hole_psnr"] > best_psnr:
+                best_psnr = val_metrics["val_hole_psnr"]
+                best_state = {
+                    k: t.detach().to("cpu", copy=True) for k, t in unwrapped_state_dict(generator).items()
+                }
                 save_checkpoint(
                     storage.join_key(run_uri, "best"),
-                    model_config(config, mean_pixel, done, {**mean_from, "val": val_metrics}),
+                    model_config(config, plan, mean_pixel, done, {**mean_from, "val": val_metrics}),
                     generator,
                     endpoint_url=endpoint_url,
                 )
-        if best_l1 < math.inf:
-            metrics["best_val_hole_l1"] = best_l1
+        if best_psnr > -math.inf:
+            metrics["best_val_hole_psnr"] = best_psnr
         if reporter is not None:
-            reporter.report(metrics, world=world, final=done == config.t_train)
+            reporter.report(metrics, world=world, final=done == plan.t_train)
 
         if is_checkpoint:
             with tempfile.TemporaryDirectory() as directory:
@@ -263,9 +311,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         directory,
                         model_config(
                             config,
+                            plan,
                             mean_pixel,
                             done,
-                            {**mean_from, "best_val_hole_l1": best_l1, "attempt_start_step": start_step},
+                            {**mean_from, "best_val_hole_psnr": best_psnr, "attempt_start_step": start_step},
                         ),
                         generator,
                         discriminator,
@@ -280,6 +329,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
         else:
             ray.train.report(metrics)
+        if planner is not None:
+            planner.note_overhead(time.perf_counter() - overhead_started)
         window_start, window_steps = time.perf_counter(), 0
 
     if keys_log is not None:
@@ -288,23 +339,55 @@ def train_loop_per_worker(loop_config: dict) -> None:
         fs, path = storage.filesystem(storage.join_key(run_uri, f"shards/rank-{rank}.json"), endpoint_url)
         storage.atomic_write_bytes(fs, path, json.dumps(sorted(keys_log)).encode())
     if rank == 0:
+        extra = {**mean_from, "validations": validations, "best_val_hole_psnr": best_psnr}
+        if planner is not None:
+            extra["schedule_plans"] = planner.plans
+            extra["stopped_at_deadline"] = planner.stopped
+        exported, exported_step = generator, plan.t_train
+        if config.export == "best" and best_psnr > -math.inf:
+            exported, exported_step = best_generator(config, best_state, run_uri, endpoint_url, device)
+        extra["exported"] = {"which": config.export, "step": exported_step}
         save_checkpoint(
-            config.output,
-            model_config(config, mean_pixel, config.t_train, mean_from),
-            generator,
+            config.output, model_config(config, plan, mean_pixel, exported_step, extra), exported,
             endpoint_url=endpoint_url,
-        )
+        )  # fmt: skip
 
 
-def model_config(config: TrainConfig, mean_pixel, step: int, extra: dict) -> ModelConfig:
+def best_generator(
+    config: TrainConfig, best_state, run_uri: str, endpoint_url, device
+) -> tuple[torch.nn.Module, int]:
+    """The completion network of the best validation and its step: this attempt's copy in memory,
+    or (it was found before a restart) the run's ``best/`` checkpoint."""
+    best = load_checkpoint(storage.join_key(run_uri, "best"), endpoint_url, device, training_state=False)
+    if best_state is not None:
+        best.generator.load_state_dict(best_state)  # the same weights, in the run's fp32
+    return best.generator, int(best.config.step)
+
+
+def agree(plan: Schedule, world: int, device) -> Schedule:
+    """Rank 0's ``plan`` on every rank: each must run the same number of steps of each phase, or
+    DDP's collectives wait forever for the rank that stopped."""
+    if world == 1:
+        return plan
+    import torch.distributed as dist
+
+    lengths = torch.tensor([plan.tc, plan.td, plan.t_train], dtype=torch.int64, device=device)
+    dist.broadcast(lengths, src=0)
+    tc, td, t_train = (int(v) for v in lengths.tolist())
+    return Schedule(tc, td, t_train)
+
+
+def model_config(config: TrainConfig, plan: Schedule, mean_pixel, step: int, extra: dict) -> ModelConfig:
+    """A checkpoint's config: ``train_config`` states the schedule ``plan`` that ran."""
+    ran = dataclasses.replace(config, tc=plan.tc, td=plan.td, t_train=plan.t_train)
     return ModelConfig(
         width=config.width,
         mean_pixel=mean_pixel,
         image_size=config.image_size,
         local_size=config.local_size,
-        phase=config.phase(max(step - 1, 0)),
+        phase=plan.phase(max(step - 1, 0)),
         step=step,
-        extra={**extra, "train_config": to_dict(config)},
+        extra={**extra, "schedule": plan.to_dict(), "train_config": to_dict(ran)},
     )
 
 
@@ -319,6 +402,8 @@ def build_trainer(
     val: dict | None,
     endpoint_url: str | None,
     mean_from: dict | None = None,
+    deadline: float | None = None,
+    resident: bool = False,
 ):
     """The ``TorchTrainer`` of ``train_loop_per_worker`` over ``dataset`` (what ``run`` and
     bench/train.py fit): scaling, run storage, failure handling and checkpoint retention from
@@ -336,6 +421,8 @@ def build_trainer(
             "mean_pixel": list(mean_pixel),
             "mean_pixel_from": mean_from or {},  # stated in every checkpoint's config
             "val": val,
+            "deadline": deadline,
+            "resident": resident,  # the dataset is train_data.scaled_images rows, read once  # time.time() by which the run ends, export included (--time-budget-s)
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
@@ -358,6 +445,8 @@ def run(config: TrainConfig) -> str:
     """Train and export; return the URI of the final completion-network checkpoint."""
     import ray
 
+    # The budget counts from here: Ray's start-up, the survey and the workers' start are part of it.
+    deadline = time.time() + config.time_budget_s if config.time_budget_s else None
     print_config(config)
     if not ray.is_initialized():
         ray.init()
@@ -401,9 +490,19 @@ def run(config: TrainConfig) -> str:
     val = None
     if survey.val_uris:
         val = train_data.validation_arrays(survey.val_keys, survey.val_uris, config.image_size, endpoint_url)
+    resident = config.resident_max_gib > 0 and train_data.fits_in_memory(
+        survey.train_count, config.image_size, config.num_workers, config.resident_max_gib
+    )
     # Every epoch restarts the Ray Data pipeline (a fraction of a second); on a handful of photos
-    # that would cost more than the steps themselves.
-    copies = max(1, math.ceil(config.min_epoch_steps * config.batch_size / survey.train_count))
+    # that would cost more than the steps themselves. A resident set is read once.
+    copies = (
+        1 if resident else max(1, math.ceil(config.min_epoch_steps * config.batch_size / survey.train_count))
+    )
+    print(
+        "the training images are decoded once and held by the workers"
+        if resident
+        else f"the training images stream through Ray Data ({copies} cop{'y' if copies == 1 else 'ies'} an epoch)"
+    )
     dataset = train_data.training_dataset(
         config.images,
         survey.split,
@@ -413,9 +512,12 @@ def run(config: TrainConfig) -> str:
         seed=config.seed,
         endpoint_url=endpoint_url,
         num_cpus=config.data_cpus,
+        resident=resident,
     )
 
-    trainer = build_trainer(config, dataset, mean_pixel, val, endpoint_url, mean_from)
+    if config.export == "best" and val is None:
+        print("--export best needs validation images (val_fraction or val_images); exporting the last step")
+    trainer = build_trainer(config, dataset, mean_pixel, val, endpoint_url, mean_from, deadline, resident)
     started = time.perf_counter()
     result = trainer.fit()
     print(f"training took {time.perf_counter() - started:.1f} s")

@@ -27,7 +27,15 @@ from torch import nn
 
 from model.completion import composite, prepare_input, tensor_to_images
 from model.discriminator import crop_patches
-from model.losses import discriminator_loss, generator_adversarial_loss, hole_l1, masked_mse, psnr, ssim
+from model.losses import (
+    discriminator_loss,
+    generator_adversarial_loss,
+    hole_l1,
+    hole_psnr,
+    masked_mse,
+    psnr,
+    ssim,
+)
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -254,7 +262,9 @@ def make_optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(generator: nn.Module, images, masks, mean_pixel) -> tuple[dict[str, float], torch.Tensor]:
-    """Hole L1, PSNR and SSIM of the completed validation images; also returns the completions."""
+    """Hole L1, hole PSNR (the mean of each image's), whole-image PSNR and SSIM of the completed
+    validation images, the raw network composited without post-processing; also returns the
+    completions."""
     module = unwrap(generator)
     was_training = module.training
     module.eval()
@@ -264,6 +274,7 @@ def evaluate(generator: nn.Module, images, masks, mean_pixel) -> tuple[dict[str,
         module.train(was_training)
     metrics = {
         "val_hole_l1": hole_l1(completed, images, masks).item(),
+        "val_hole_psnr": hole_psnr(completed, images, masks).mean().item(),
         "val_psnr": psnr(completed, images).mean().item(),
         "val_ssim": ssim(completed, images).mean().item(),
     }

@@ -62,6 +62,15 @@ def psnr(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
+def hole_psnr(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image (N,) over its hole pixels only (``hole_mse`` of each image); an image
+    without a hole pixel scores the 1e-10 clamp's 100 dB."""
+    mask = mask.to(torch.float32).expand_as(output)
+    squared = (output.float() - target.float()).square() * mask
+    mse = squared.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
 def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> torch.Tensor:
     coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))

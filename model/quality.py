@@ -8,7 +8,7 @@ the trainer's own metric functions (``model.losses``, as ``model.gan.evaluate`` 
 
 - ``psnr``: whole-image PSNR in dB (``losses.psnr``: MSE over every pixel and channel), as the
   trainer's ``val_psnr``;
-- ``psnr_hole``: the same over the hole pixels only (``losses.hole_mse``). Known pixels are
+- ``psnr_hole``: the same over the hole pixels only (``losses.hole_psnr``), as ``val_hole_psnr``. Known pixels are
   identical in every method's result, so per image ``psnr - psnr_hole = 10 log10(hole fraction)``
   for every method and differences between methods are the same in both;
 - ``ssim``: whole-image SSIM (``losses.ssim``, 11 px Gaussian window), as ``val_ssim``;
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from model.completion import images_to_tensor, masks_to_tensor
-from model.losses import hole_l1, hole_mse, psnr, ssim
+from model.losses import hole_l1, hole_psnr, psnr, ssim
 from model.postprocess import TELEA_RADIUS
 
 MSE_FLOOR = 1e-10  # losses.psnr's clamp
@@ -97,11 +97,7 @@ def image_metrics(outputs: list[np.ndarray], truth: np.ndarray, mask: np.ndarray
         rows.append(
             {
                 "psnr": float(psnr(xi, yi)[0]),
-                "psnr_hole": (
-                    10.0 * math.log10(1.0 / max(float(hole_mse(xi, yi, m)), MSE_FLOOR))
-                    if has_hole
-                    else math.nan
-                ),
+                "psnr_hole": float(hole_psnr(xi, yi, m)[0]) if has_hole else math.nan,
                 "hole_l1": float(hole_l1(xi, yi, m)) if has_hole else math.nan,
             }
         )

@@ -173,3 +173,33 @@ def scale_and_crop(
     else:
         y, x = int(rng.integers(0, new_h - size + 1)), int(rng.integers(0, new_w - size + 1))
     return np.ascontiguousarray(resized[y : y + size, x : x + size])
+
+
+def scale_for_crops(image: np.ndarray, size: int, scale_range=SCALE_RANGE) -> np.ndarray:
+    """``image`` rescaled once to the largest scale ``scale_and_crop`` draws (shorter side
+    ``size * scale_range[1]``), what ``crop_scaled`` cuts any number of random crops from."""
+    h, w = image.shape[:2]
+    short = max(size, int(round(size * scale_range[1])))
+    factor = short / min(h, w)
+    new_h, new_w = max(short, int(round(h * factor))), max(short, int(round(w * factor)))
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, (new_w, new_h), interpolation=interp)
+
+
+def crop_scaled(
+    scaled: np.ndarray, size: int, rng: np.random.Generator, scale_range=SCALE_RANGE
+) -> np.ndarray:
+    """A random ``size`` x ``size`` crop of ``scale_for_crops``'s copy, drawn as ``scale_and_crop``
+    draws from the original: the shorter side ``size * U(scale_range)``, a uniform position.
+
+    At shorter side ``L`` a crop covers ``size / L`` of the image's shorter side, which is a
+    window of ``size * short / L`` pixels of the stored copy, resized down to ``size``.
+    """
+    h, w = scaled.shape[:2]
+    target = max(size, int(round(size * float(rng.uniform(*scale_range)))))
+    window = min(min(h, w), max(size, int(round(size * min(h, w) / target))))
+    y, x = int(rng.integers(0, h - window + 1)), int(rng.integers(0, w - window + 1))
+    patch = scaled[y : y + window, x : x + window]
+    if window == size:
+        return np.ascontiguousarray(patch)
+    return cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)

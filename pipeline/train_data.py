@@ -19,14 +19,16 @@ import hashlib
 import heapq
 import itertools
 import logging
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from model.masks import training_mask
 from pipeline import storage
-from pipeline.decode import DecodeError, decode_image, scale_and_crop
+from pipeline.decode import DecodeError, crop_scaled, decode_image, scale_and_crop, scale_for_crops
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +256,121 @@ def crop_images(
     return {"key": np.array(keys, dtype=object), "image": images}
 
 
+def scaled_images(batch: dict[str, np.ndarray], *, image_size: int, endpoint_url: str | None = None) -> dict:
+    """Ray Data ``map_batches`` function of a resident training set: ``{"key", "uri"}`` rows ->
+    ``{"key", "image"}`` with each image decoded and at ``scale_for_crops``'s scale (sizes vary)."""
+    keys, images = [], []
+    for key, image in read_images(batch, endpoint_url):
+        keys.append(key)
+        images.append(scale_for_crops(image, image_size))
+    column = np.empty(len(images), dtype=object)
+    column[:] = images
+    return {"key": np.array(keys, dtype=object), "image": column}
+
+
+# Decoded bytes of one image held by ResidentImages, per (crop side)^2: scale_for_crops keeps the
+# shorter side at 1.5 x the crop, and photographs are mostly 3:2, so 1.5^2 x 1.5 x 3 channels.
+RESIDENT_BYTES_PER_PIXEL = 1.5**2 * 1.5 * 3
+
+
+def fits_in_memory(images: int, image_size: int, workers: int, max_gib: float) -> bool:
+    """Whether each worker's share of ``images`` training images, decoded at ``scale_for_crops``'s
+    scale, fits in ``max_gib``: then they are decoded once and held (``ResidentImages``)."""
+    per_worker = -(-images // max(1, workers))
+    return per_worker * image_size**2 * RESIDENT_BYTES_PER_PIXEL <= max_gib * 2**30
+
+
+class ResidentImages:
+    """A training worker's share of a small training set, decoded once and held in its memory:
+    every batch is fresh random crops of it (``crop_scaled``, the paper's random scale and place),
+    each image once per epoch in a new random order. Decoding a photograph costs about 10x
+    cutting a crop from its decoded copy (bench/train_input.py), so a set that fits is never
+    decoded again."""
+
+    def __init__(self, keys: list[str], images: list[np.ndarray], image_size: int, seed: int):
+        if not keys:
+            raise NoImagesError("a training worker's share of the training images is empty")
+        self.keys, self.images, self.image_size = keys, images, image_size
+        self.rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_shard(cls, shard, image_size: int, seed: int) -> ResidentImages:
+        """One pass over this worker's Ray Data shard of ``scaled_images`` rows."""
+        keys, images = [], []
+        for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
+            keys.extend(str(k) for k in batch["key"])
+            images.extend(np.asarray(im, dtype=np.uint8) for im in batch["image"])
+        return cls(keys, images, image_size, seed)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(im.nbytes for im in self.images)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        if len(self.keys) < batch_size:
+            raise ValueError(
+                f"a training worker holds {len(self.keys)} images, fewer than its batch ({batch_size}): "
+                "lower batch_size or num_workers, or add images"
+            )
+        order: list[int] = []
+        while True:
+            if len(order) < batch_size:
+                order += self.rng.permutation(len(self.keys)).tolist()
+            picked, order = order[:batch_size], order[batch_size:]
+            crops = np.stack([crop_scaled(self.images[i], self.image_size, self.rng) for i in picked])
+            yield [self.keys[i] for i in picked], crops
+
+
+def prefetched(produce: Iterator, depth: int = 3) -> Iterator:
+    """``produce``'s items, made ``depth`` ahead in a thread: the next steps' crops and masks are
+    prepared while this one runs on the GPU (OpenCV and the GPU wait release the GIL). An error in
+    the thread is raised here, at the item it replaced."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    failed = object()
+
+    def fill() -> None:
+        try:
+            for item in produce:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            items.put((failed, e))
+            return
+        items.put((failed, StopIteration()))
+
+    thread = threading.Thread(target=fill, name="glcic-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if isinstance(item, tuple) and len(item) == 2 and item[0] is failed:
+                if isinstance(item[1], StopIteration):
+                    return
+                raise item[1]
+            yield item
+    finally:
+        stop.set()
+
+
+def step_inputs(
+    batches: Iterator[tuple[list[str], np.ndarray]], first_step: int, masks_for: Callable
+) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]]:
+    """``(keys, images, masks, boxes)`` of each step from ``first_step`` on: a batch and its seeded
+    masks (``masks_for(keys, step)``), everything a step needs from the CPU."""
+    step = first_step
+    for keys, images in batches:
+        masks, boxes = masks_for(keys, step)
+        yield keys, images, masks, boxes
+        step += 1
+
+
 def channel_sums(batch: dict[str, np.ndarray], *, endpoint_url: str | None = None) -> dict[str, np.ndarray]:
     """One row per batch: its RGB sums, pixel count and images (float64: exact at any realistic size)."""
     sums, pixels, images = np.zeros(3, np.float64), 0.0, 0
@@ -354,13 +471,17 @@ def training_dataset(
     endpoint_url: str | None = None,
     num_cpus: float = 1.0,
     first_epoch: int = 0,
+    resident: bool = False,
 ):
     """Random ``image_size`` crops of the training images under ``source``, in a fresh order each
     epoch: a listing task streams the keys (``copies`` times over, for tiny sets) in about
     ``SHUFFLE_BLOCKS`` blocks, Ray's distributed ``random_shuffle`` mixes them across the cluster
     (no machine holds the whole list), and read tasks decode and crop. ``images``: the survey's
     count of training images, to size the blocks. The order is a function of ``seed`` and the
-    epoch (``EpochCounter``, from ``first_epoch``), never the same two epochs running."""
+    epoch (``EpochCounter``, from ``first_epoch``), never the same two epochs running.
+
+    ``resident``: the set is read once, each image decoded and scaled for cropping
+    (``scaled_images``) with no shuffle; the workers hold it (``ResidentImages``) and crop."""
     import ray
     import ray.data
 
@@ -384,6 +505,13 @@ def training_dataset(
             "epochs": epochs,
         },
     )
+    if resident:
+        return ds.map_batches(
+            scaled_images,
+            fn_kwargs={"image_size": image_size, "endpoint_url": endpoint_url},
+            batch_size=16,
+            num_cpus=num_cpus,
+        )
     # Fractional CPUs: with Ray's default of one, the shuffle's tasks wait forever on a machine
     # whose training workers hold all but a fraction of its CPUs (so no ``sort``: its tasks take a
     # whole CPU each). Seeded: the same permutation of its input every execution; the listing's

@@ -64,9 +64,14 @@ def test_three_phases_two_sharded_workers_on_s3(ray_local, s3_photos, s3_prefix)
     for name in ("train_config.json",):
         assert json.loads(fs.cat_file(f"{run_uri[5:]}/{name}"))["tc"] == 6
 
-    # The exported generator is what the inpainting job loads; its mean pixel is the data's.
+    # The exported generator is what the inpainting job loads; its mean pixel is the data's. It is
+    # the one of the best validation hole PSNR (--export best), of the two validations at 7 and 14.
     generator, model_config, _ = load_generator(config.output)
-    assert model_config.width == 0.125 and model_config.step == 14
+    validations = model_config.extra["validations"]
+    assert [v["step"] for v in validations] == [7, 14]
+    best_step = max(validations, key=lambda v: v["val_hole_psnr"])["step"]
+    assert model_config.width == 0.125 and model_config.step == best_step
+    assert model_config.extra["exported"] == {"which": "best", "step": best_step}
     assert all(0.2 < v < 0.6 for v in model_config.mean_pixel)
     assert all(np.isfinite(p.detach().numpy()).all() for p in generator.parameters())
     assert json.loads(fs.cat_file(config.output[5:] + ".train_config.json"))["run_name"] == "r"
@@ -91,7 +96,7 @@ def test_killed_worker_resumes_from_the_last_complete_checkpoint(
     config = TrainConfig(
         images=s3_photos, output=f"{s3_prefix}/model", storage_path=f"{s3_prefix}/runs", run_name="r",
         num_workers=1, cpus_per_worker=1, tc=6, td=2, t_train=8, val_every=100, checkpoint_every=5,
-        max_failures=2, **TINY,
+        max_failures=2, export="last", **TINY,
     )  # fmt: skip
     run(config)  # checkpoints 5, 6 and 8: phases 1 and 2
     run_uri = f"{s3_prefix}/runs/r"
@@ -150,3 +155,50 @@ def test_a_segment_starts_from_a_carried_generator(ray_local, s3_photos, s3_pref
     wrong = TrainConfig(**{**config.__dict__, "width": 0.25, "run_name": "seg-wrong"})
     with pytest.raises(ValueError, match="has width 0.125, this run --width 0.25"):
         run(wrong)
+
+
+def test_a_time_budget_runs_all_three_phases_and_exports_the_best_validation(
+    ray_local, photo_paths, tmp_path
+):
+    """--time-budget-s with --schedule-fractions: the phases' lengths are planned from the measured
+    step rates, the run ends inside the budget, and --output is the best validated generator."""
+    import shutil
+    import time
+
+    import torch
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for p in photo_paths[:24]:
+        shutil.copy(p, images / p.name)
+    config = TrainConfig(
+        images=str(images), output=str(tmp_path / "model"), run_name="budget", num_workers=1,
+        cpus_per_worker=1, data_cpus=0.5, time_budget_s=40, schedule_fractions="0.6,0.2,0.2",
+        **{**TINY, "val_fraction": 0.2},
+    )  # fmt: skip
+    started = time.time()
+    run(config)
+    took = time.time() - started
+    assert took < config.time_budget_s + 15  # the budget ends at the export; Ray Train's teardown follows
+
+    exported = load_checkpoint(config.output).config
+    schedule = exported.extra["schedule"]
+    tc, td, t_train = schedule["tc"], schedule["td"], schedule["t_train"]
+    assert 13 < tc and 0 < td and tc + td < t_train < 500_000  # all three planned, none the defaults
+    assert exported.extra["train_config"]["t_train"] == t_train  # the checkpoint says what ran
+    whys = [p["why"] for p in exported.extra["schedule_plans"]]
+    assert whys[0] == "phase 1 timed over 10 steps" and "phase 2 begins" in whys and "phase 3 begins" in whys
+
+    # Validated at the phase ends and a few times inside phase 1, not every few steps.
+    validations = exported.extra["validations"]
+    steps = [v["step"] for v in validations]
+    assert {tc, tc + td, t_train} <= set(steps) and len(steps) <= 10
+    assert sum(1 for v in validations if v["phase"] == 1) >= 3
+    best = max(validations, key=lambda v: v["val_hole_psnr"])
+    assert exported.step == best["step"] == exported.extra["exported"]["step"]
+    # ... and the exported weights are that validation's (the run's best/ checkpoint).
+    kept = load_checkpoint(f"{config.run_uri()}/best")
+    assert kept.config.step == best["step"]
+    exported_state = load_checkpoint(config.output).generator.state_dict()
+    for name, value in kept.generator.state_dict().items():
+        assert torch.equal(exported_state[name], value), name
