@@ -145,3 +145,55 @@ def test_shards_bench_counts_requests_and_blocks_for_files_and_tars(tmp_path):
     assert files["requests_per_1000_images"] > tars["requests_per_1000_images"] > 0
     assert files["read_stage_blocks"] > tars["read_stage_blocks"] == files["images"] // 100
     assert positive(figures["ratios"]["s3/webdataset"]["requests_files_over_shards"])
+
+
+@pytest.mark.timeout(420)
+def test_gpu_run_dry_run_writes_what_the_gpu_run_hands_back(tmp_path):
+    """bench/gpu_run.py --dry-run: the GPU run's every stage on CPU (issue #20), so the command a
+    lent GPU gets has run before, and its files are the ones the GPU run would hand back."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_run.py"), "--dry-run", "--out", str(out), "--work", str(work)],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"gpu_run.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) <= 8 and all(p.is_file() for p in out.iterdir())
+    assert {"generator.safetensors", "generator_config.json", "val_curve.json", "val_curve.png",
+            "evaluate.md", "gpu_run.json", "gpu_run.log"} <= set(names)  # fmt: skip
+    figures = json.loads((out / "gpu_run.json").read_text())
+    assert figures["dry_run"] and "CPU" in figures["device"]
+    assert all(stage["ok"] for stage in figures["stages"].values()), figures["stages"]
+    assert figures["elapsed_s"] < figures["total_s"] + 30
+    assert figures["path"]["training"] == "ray_train" and figures["carry"]["total_mib"] > 0
+
+    # The handed-back generator is a checkpoint once its config is named config.json again (what
+    # committing it under model/weights/ does), fp16 on disk, and it loads as inpainting loads it.
+    import shutil
+
+    from pipeline.checkpoint import load_checkpoint
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(out / "generator.safetensors", weights / "generator.safetensors")
+    shutil.copy(out / "generator_config.json", weights / "config.json")
+    loaded = load_checkpoint(str(weights), training_state=False)
+    curve = json.loads((out / "val_curve.json").read_text())
+    schedule = curve["schedule"]
+    assert 0 < schedule["tc"] < schedule["tc"] + schedule["td"] < schedule["t_train"]
+    best = max(curve["validations"], key=lambda v: v["val_hole_psnr"])
+    assert curve["exported"] == {"which": "best", "step": best["step"]}
+    assert loaded.config.step == best["step"] and loaded.config.width == 0.125
+    assert (out / "val_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = figures["gpu_table"]
+    assert table["forward"] and all(
+        positive(r["images_per_s"]) for r in table["forward"] if "skipped" not in r
+    )
+    for run in table["pipeline"]:
+        assert (
+            run["counts_right"]
+            and run["known_pixels_exact"].split("/")[0] == run["known_pixels_exact"].split("/")[1]
+        )
+    evaluated = figures["stages"]["evaluate"]
+    assert evaluated["counts"]["ok"] == evaluated["images"] > 0
