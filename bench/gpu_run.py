@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -251,8 +252,12 @@ def split_photos(run: GpuRun, photos: Path) -> tuple[Path, Path]:
     for folder in (train, val):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    for path in sorted(photos.glob("*")):
-        side = split.get(path.name)
+    for path in sorted(p for p in photos.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")):
+        # Photos the project's split does not name (your own) are split as it was made: a fixed
+        # 10% held out by the sha256 of the file name.
+        side = split.get(path.name) or (
+            "val" if hashlib.sha256(path.name.encode()).digest()[0] < 26 else "train"
+        )
         if side in ("train", "val"):
             (train if side == "train" else val).joinpath(path.name).symlink_to(path.resolve())
     counts = (len(list(train.iterdir())), len(list(val.iterdir())))
@@ -272,7 +277,7 @@ def train_config(run: GpuRun, train: Path, val: Path, budget_s: float):
     )  # fmt: skip
     return TrainConfig(
         images=str(train), output=str(run.work / "model"), storage_path=str(run.work / "runs"), run_name="gpu-run",
-        num_workers=1, use_gpu=not dry, cpus_per_worker=1 if dry else 4, data_cpus=0.5 if dry else 1.0,
+        num_workers=1, use_gpu=not dry, cpus_per_worker=1 if dry else 8, data_cpus=0.5 if dry else 1.0,
         precision="fp32" if dry else "bf16", channels_last=True, optimizer="adadelta", lr_g=1.0, lr_d=1.0,
         val_images=str(val), val_limit=64, checkpoint_every=10**9, keep_checkpoints=1,
         log_every=10 if dry else 100, time_budget_s=budget_s, schedule_fractions=TRAIN_FRACTIONS, export="best",
@@ -617,6 +622,7 @@ def carry_budget(photos: Path) -> dict:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="the same stages on CPU, tiny, in seconds")
+    parser.add_argument("--carry-only", action="store_true", help="print what the GPU run carries, and stop")
     parser.add_argument(
         "--photos", default=None, help="the photo set (default: ../shared/photos, else data/photos)"
     )
@@ -638,6 +644,10 @@ def main(argv: list[str] | None = None) -> dict:
     photos = Path(args.photos) if args.photos else next(
         p for p in (REPO.parent / "shared" / "photos", REPO / ".photos", REPO / "data" / "photos") if p.is_dir()
     )  # fmt: skip
+    if args.carry_only:
+        budget = carry_budget(photos)
+        print(json.dumps(budget, indent=1))
+        return budget
     shutil.rmtree(args.work, ignore_errors=True)
     run = GpuRun(args)
     reserve = DRY_RESERVE_S if args.dry_run else RESERVE_S

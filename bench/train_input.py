@@ -12,6 +12,7 @@ feeds, against the ~2,000 crops/s an H200 trains on at 256 px (issue #20's estim
 
 from __future__ import annotations
 
+import os
 import time
 
 import common
@@ -57,15 +58,47 @@ def main(argv: list[str] | None = None) -> dict:
     resident = per_second(lambda i: crop_scaled(scaled[i % len(scaled)], size, rng), args.crops)
 
     def masks_per_s(kind: str) -> float:
-        keys = [f"k{i}" for i in range(args.crops)]
+        keys = [f"k{i}" for i in range(96)]  # a step's batch, as the worker draws them
+        steps = max(1, args.crops // len(keys))
         start = time.perf_counter()
-        batch_masks(
-            keys, step=0, seed=0, image_size=size, local_size=size // 2,
-            hole_range=(size * 3 // 8, size // 2), kind=kind,
-        )  # fmt: skip
-        return len(keys) / (time.perf_counter() - start)
+        for step in range(steps):
+            batch_masks(
+                keys, step=step, seed=0, image_size=size, local_size=size // 2,
+                hole_range=(size * 3 // 8, size // 2), kind=kind,
+            )  # fmt: skip
+        return steps * len(keys) / (time.perf_counter() - start)
 
     rectangle, freeform = masks_per_s("rectangle"), masks_per_s("freeform")
+
+    # What the training worker runs: whole steps' inputs (crops + masks) from a resident set, made
+    # by 1 and by all the cores' threads at once (prefetched_map), batch 96.
+    from pipeline.train_data import ResidentImages, prefetched_map
+
+    held = ResidentImages([f"k{i}" for i in range(len(scaled))], scaled, size, seed=0)
+    batch = min(96, len(scaled))
+    steps = max(2, args.crops // batch)
+
+    def step_input(step: int):
+        keys, crops = held.batch(step, batch)
+        return (
+            keys,
+            crops,
+            *batch_masks(
+                keys,
+                step=step,
+                seed=0,
+                image_size=size,
+                local_size=size // 2,
+                hole_range=(size * 3 // 8, size // 2),
+            ),
+        )
+
+    threaded = {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        start = time.perf_counter()
+        for _ in prefetched_map(step_input, iter(range(steps)), threads=threads):
+            pass
+        threaded[threads] = steps * batch / (time.perf_counter() - start)
 
     def with_mask(crops_per_s: float, masks: float) -> float:
         return 1.0 / (1.0 / crops_per_s + 1.0 / masks)
@@ -79,6 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
         ("mask (freeform)", freeform),
         ("streamed step input (crop + rectangle mask)", with_mask(streamed, rectangle)),
         ("resident step input (crop + rectangle mask)", with_mask(resident, rectangle)),
+        *(
+            (f"resident step inputs, {t} thread(s) on {os.cpu_count()} cores, per core", v / t)
+            for t, v in threaded.items()
+        ),
     ):
         node = per_core * NODE_CORES
         results[name] = {
@@ -106,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
             "results": results,
             "resident_over_streamed": ratio,
             "resident_bytes_per_image": float(pixels * 3),
+            "threaded_step_inputs_per_s": {str(t): v for t, v in threaded.items()},
         },
     )
 

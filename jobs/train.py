@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import posixpath
@@ -203,16 +204,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     per_worker_batch = config.batch_size // world
     keys_log: list[str] | None = [] if config.log_shard_keys else None
     shard = ray.train.get_dataset_shard("train")
-    if loop_config.get("resident"):
-        held = train_data.ResidentImages.from_shard(
-            shard, config.image_size, seed=[config.seed, rank, start_step]
-        )
-        print(f"[rank {rank}] holds {len(held.keys)} training images decoded ({held.nbytes / 2**20:.0f} MiB)")
-        batches = held.batches(per_worker_batch)
-        if keys_log is not None:
-            keys_log.extend(held.keys)
-    else:
-        batches = endless_batches(shard, per_worker_batch, keys_log)
 
     def masks_for(keys, step):
         return train_data.batch_masks(
@@ -220,8 +211,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
             local_size=config.local_size, hole_range=config.hole_range, kind=config.train_masks,
         )  # fmt: skip
 
-    # Crops and masks of the next steps are made in a thread while this one computes.
-    inputs = train_data.prefetched(train_data.step_inputs(batches, start_step, masks_for))
+    # The next steps' crops and masks are made in threads while this one computes: a resident set
+    # by several (each step's batch is a function of its step), a streamed one by one.
+    if loop_config.get("resident"):
+        held = train_data.ResidentImages.from_shard(
+            shard, config.image_size, seed=[config.seed, rank, start_step]
+        )
+        print(f"[rank {rank}] holds {len(held.keys)} training images decoded ({held.nbytes / 2**20:.0f} MiB)")
+        if keys_log is not None:
+            keys_log.extend(held.keys)
+
+        def step_input(step):
+            keys, crops = held.batch(step - start_step, per_worker_batch)
+            return (keys, crops, *masks_for(keys, step))
+
+        # On a GPU the worker's CPUs but one (the loop's) make inputs; on CPU torch needs them.
+        threads = max(1, math.ceil(config.cpus_per_worker) - 1) if on_gpu else 1
+        inputs = train_data.prefetched_map(step_input, itertools.count(start_step), threads=threads)
+    else:
+        batches = endless_batches(shard, per_worker_batch, keys_log)
+        inputs = train_data.prefetched(train_data.step_inputs(batches, start_step, masks_for))
     # Rank 0's live figures: Ray metrics and <run>/_progress.json (pipeline.metrics).
     reporter = TrainReporter(config.run_name, run_uri, plan.t_train, endpoint_url) if rank == 0 else None
     deadline = loop_config.get("deadline")

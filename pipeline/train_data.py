@@ -19,7 +19,6 @@ import hashlib
 import heapq
 import itertools
 import logging
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -283,18 +282,21 @@ def fits_in_memory(images: int, image_size: int, workers: int, max_gib: float) -
 class ResidentImages:
     """A training worker's share of a small training set, decoded once and held in its memory:
     every batch is fresh random crops of it (``crop_scaled``, the paper's random scale and place),
-    each image once per epoch in a new random order. Decoding a photograph costs about 10x
+    each image once per epoch in a new random order. Decoding a photograph costs several times
     cutting a crop from its decoded copy (bench/train_input.py), so a set that fits is never
-    decoded again."""
+    decoded again. ``batch(i)`` is a pure function of ``(seed, i)``, so threads can make several
+    steps' batches at once (``prefetched_map``)."""
 
-    def __init__(self, keys: list[str], images: list[np.ndarray], image_size: int, seed: int):
+    def __init__(self, keys: list[str], images: list[np.ndarray], image_size: int, seed):
         if not keys:
             raise NoImagesError("a training worker's share of the training images is empty")
         self.keys, self.images, self.image_size = keys, images, image_size
-        self.rng = np.random.default_rng(seed)
+        self.seed = list(seed) if isinstance(seed, (list, tuple)) else [int(seed)]
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     @classmethod
-    def from_shard(cls, shard, image_size: int, seed: int) -> ResidentImages:
+    def from_shard(cls, shard, image_size: int, seed) -> ResidentImages:
         """One pass over this worker's Ray Data shard of ``scaled_images`` rows."""
         keys, images = [], []
         for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
@@ -306,57 +308,78 @@ class ResidentImages:
     def nbytes(self) -> int:
         return sum(im.nbytes for im in self.images)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
-        if len(self.keys) < batch_size:
+    def _order(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            if epoch not in self._orders:
+                self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+                self._orders[epoch] = np.random.default_rng([*self.seed, epoch]).permutation(len(self.keys))
+            return self._orders[epoch]
+
+    def batch(self, index: int, batch_size: int) -> tuple[list[str], np.ndarray]:
+        """The ``index``-th batch: epoch ``index // (images // batch_size)`` in its own order (the
+        images left over by whole batches wait for a later epoch's order)."""
+        per_epoch = len(self.keys) // batch_size
+        if per_epoch == 0:
             raise ValueError(
                 f"a training worker holds {len(self.keys)} images, fewer than its batch ({batch_size}): "
                 "lower batch_size or num_workers, or add images"
             )
-        order: list[int] = []
-        while True:
-            if len(order) < batch_size:
-                order += self.rng.permutation(len(self.keys)).tolist()
-            picked, order = order[:batch_size], order[batch_size:]
-            crops = np.stack([crop_scaled(self.images[i], self.image_size, self.rng) for i in picked])
-            yield [self.keys[i] for i in picked], crops
+        epoch, position = divmod(index, per_epoch)
+        picked = self._order(epoch)[position * batch_size : (position + 1) * batch_size]
+        rng = np.random.default_rng([*self.seed, epoch, position, 1])
+        crops = np.stack([crop_scaled(self.images[i], self.image_size, rng) for i in picked])
+        return [self.keys[i] for i in picked], crops
+
+    def batches(self, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        return (self.batch(i, batch_size) for i in itertools.count())
 
 
 def prefetched(produce: Iterator, depth: int = 3) -> Iterator:
     """``produce``'s items, made ``depth`` ahead in a thread: the next steps' crops and masks are
     prepared while this one runs on the GPU (OpenCV and the GPU wait release the GIL). An error in
     the thread is raised here, at the item it replaced."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    failed = object()
+    return prefetched_map(lambda item: item, produce, threads=1, depth=depth)
 
-    def fill() -> None:
-        try:
-            for item in produce:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            items.put((failed, e))
+
+def prefetched_map(make: Callable, items: Iterator, threads: int = 1, depth: int = 4) -> Iterator:
+    """``make(item)`` for each of ``items``, in order, computed ``depth`` ahead by ``threads``
+    threads (``make`` must be safe to run concurrently; ``items`` is read in the caller's order).
+    An error is raised here, at the result it replaced."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="glcic-input")
+    pending: deque = deque()
+    source = iter(items)
+    exhausted = False
+
+    def submit() -> None:
+        nonlocal exhausted
+        if threads <= 1:  # one thread runs its tasks in order: it may advance the source itself
+            pending.append(pool.submit(lambda: make(next(source))))
             return
-        items.put((failed, StopIteration()))
+        try:  # several: the source is advanced here, in order, and only make() runs in threads
+            item = next(source)
+        except StopIteration:
+            exhausted = True
+            return
+        pending.append(pool.submit(make, item))
 
-    thread = threading.Thread(target=fill, name="glcic-prefetch", daemon=True)
-    thread.start()
     try:
         while True:
-            item = items.get()
-            if isinstance(item, tuple) and len(item) == 2 and item[0] is failed:
-                if isinstance(item[1], StopIteration):
-                    return
-                raise item[1]
-            yield item
+            while not exhausted and len(pending) < max(depth, threads):
+                submit()
+            if not pending:
+                return
+            try:
+                result = pending.popleft().result()
+            except StopIteration:
+                return
+            yield result
     finally:
-        stop.set()
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def step_inputs(

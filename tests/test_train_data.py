@@ -136,3 +136,57 @@ def test_listing_an_empty_prefix_is_a_clear_error(tmp_path):
         train_data.list_image_uris(str(tmp_path))
     with pytest.raises(train_data.NoImagesError, match="no such prefix"):
         train_data.list_image_uris(str(tmp_path / "missing"))
+
+
+def test_resident_crops_are_the_papers_random_views_of_the_decoded_copy(photos):
+    from pipeline.decode import crop_scaled, scale_for_crops
+
+    image = photos[0]
+    scaled = scale_for_crops(image, 64)
+    assert min(scaled.shape[:2]) == 96  # the largest scale crops use: 1.5 x the crop
+    rng = np.random.default_rng(0)
+    crops = [crop_scaled(scaled, 64, rng) for _ in range(50)]
+    assert all(c.shape == (64, 64, 3) and c.dtype == np.uint8 for c in crops)
+    assert len({c.tobytes() for c in crops}) == 50  # fresh every time
+    # At the largest scale a crop is a window of the copy itself, pixel for pixel.
+    whole = crop_scaled(scaled, 64, rng, scale_range=(1.5, 1.5))
+    windows = np.lib.stride_tricks.sliding_window_view(scaled, (64, 64, 3))[..., 0, :, :, :]
+    assert (windows == whole).all(axis=(-3, -2, -1)).any()
+    # At the smallest, the crop spans the copy's whole shorter side (scale_and_crop's 1.0 view).
+    tall = crop_scaled(scaled, 64, rng, scale_range=(1.0, 1.0))
+    assert abs(float(tall.mean()) - float(scale_and_crop(image, 64, None).mean())) < 40
+
+
+def test_resident_images_serve_each_image_once_an_epoch_in_a_new_order():
+    images = [np.full((96, 120, 3), i, np.uint8) for i in range(10)]
+    held = train_data.ResidentImages([f"k{i}" for i in range(10)], images, 64, seed=[0, 0, 0])
+    batches = held.batches(5)
+    epochs = [[k for _ in range(2) for k in next(batches)[0]] for _ in range(3)]
+    assert all(sorted(e) == sorted(held.keys) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3
+    keys, crops = next(batches)
+    assert crops.shape == (5, 64, 64, 3)
+    # Each crop is of its own key's image (image i is all value i).
+    assert [int(c[0, 0, 0]) for c in crops] == [int(k[1:]) for k in keys]
+    with pytest.raises(ValueError, match="fewer than its batch"):
+        next(held.batches(11))
+    assert train_data.fits_in_memory(6000, 256, 1, 4.0) and not train_data.fits_in_memory(7000, 256, 1, 4.0)
+    assert train_data.fits_in_memory(12000, 256, 2, 4.0)  # each worker holds its share
+
+
+def test_prefetched_keeps_order_and_raises_the_producers_error_in_the_consumer():
+    assert list(train_data.prefetched(iter(range(20)), depth=2)) == list(range(20))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    items = train_data.prefetched(failing())
+    assert next(items) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(items)
+    masks = []
+    steps = train_data.step_inputs(
+        iter([(["a"], "x"), (["b"], "y")]), 7, lambda k, s: masks.append(s) or (s, -s)
+    )
+    assert [s[2] for s in steps] == [7, 8] and masks == [7, 8]
