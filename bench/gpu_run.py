@@ -9,7 +9,8 @@ result into ``--out`` (at most 8 flat files, the generator first) as soon as it 
 
 0. environment (at most 60 s): nvidia-smi, pip freeze, df, free, ulimit into the log; the file
    limit raised; Ray started inside this process (explicit CPUs, GPU and object store, no
-   dashboard: the GPU image lacks its dependencies); a 3-step TorchTrainer on the GPU;
+   dashboard: the GPU image lacks its dependencies); a 3-step TorchTrainer on the GPU (if it
+   fails, training runs the same steps in plain torch: ``plain_train``, ``--plain-torch``);
 1. training (jobs.train at the paper's width 1.0, bf16, channels_last, batch 96): its
    ``--time-budget-s`` is what is left of ``--total-s`` less what the later stages reserve, with
    ``--schedule-fractions`` so all three phases run; the best validation hole PSNR is exported;
@@ -298,6 +299,106 @@ def train(run: GpuRun, photos: Path, deadline_s: float) -> dict:
     )
     jobs.train.run(config)
     return {"budget_s": round(budget, 1), "output": config.output}
+
+
+def plain_train(run: GpuRun, photos: Path, deadline_s: float) -> dict:
+    """Ray Train failed its smoke run: the same model/gan.py steps, schedule planner, resident
+    crops, validation and best export, in plain torch in this process (the weights matter more
+    than the path). Its export is the same checkpoint ``train`` writes."""
+    import functools
+    import itertools
+    import math
+
+    import numpy as np
+    import torch
+
+    from jobs.train import model_config
+    from model.completion import CompletionNetwork, images_to_tensor
+    from model.discriminator import ContextDiscriminator
+    from model.gan import evaluate, make_optimizer, train_step
+    from model.schedule import BudgetPlanner
+    from pipeline import train_data
+    from pipeline.checkpoint import save_checkpoint, unwrapped_state_dict
+    from pipeline.decode import decode_image, scale_and_crop, scale_for_crops
+
+    train_dir, val_dir = split_photos(run, photos)
+    config = train_config(run, train_dir, val_dir, deadline_s - run.elapsed())
+    deadline = time.time() + config.time_budget_s
+    device = torch.device("cpu" if run.args.dry_run else "cuda")
+    torch.backends.cudnn.benchmark = True
+    paths = sorted(train_dir.iterdir())
+    decoded = [decode_image(p.read_bytes()) for p in paths]
+    sums = np.sum([im.reshape(-1, 3).sum(0, dtype=np.float64) for im in decoded], axis=0)
+    mean = tuple(float(v) for v in sums / (sum(im.shape[0] * im.shape[1] for im in decoded) * 255.0))
+    held = train_data.ResidentImages(
+        [p.name for p in paths], [scale_for_crops(im, config.image_size) for im in decoded], config.image_size, [config.seed]
+    )  # fmt: skip
+    val_paths = sorted(val_dir.iterdir())[: config.val_limit]
+    val_crops = [scale_and_crop(decode_image(p.read_bytes()), config.image_size, None) for p in val_paths]
+    val_images = images_to_tensor(np.stack(val_crops), device, config.channels_last)
+    val_masks = torch.from_numpy(
+        train_data.validation_masks([p.name for p in val_paths], seed=config.seed, image_size=config.image_size,
+                                    local_size=config.local_size, hole_range=config.hole_range)[0]
+    ).to(device)  # fmt: skip
+
+    def masks_for(keys, step):
+        return train_data.batch_masks(
+            keys, step=step, seed=config.seed, image_size=config.image_size,
+            local_size=config.local_size, hole_range=config.hole_range, kind=config.train_masks,
+        )  # fmt: skip
+
+    def step_input(step):
+        keys, crops = held.batch(step, config.batch_size)
+        return (keys, crops, *masks_for(keys, step))
+
+    fmt = torch.channels_last
+    torch.manual_seed(config.seed)
+    generator = CompletionNetwork(config.width).to(device, memory_format=fmt)
+    discriminator = ContextDiscriminator(config.image_size, config.local_size, config.width).to(
+        device, memory_format=fmt
+    )
+    opt_g = make_optimizer(config.optimizer, generator.parameters(), config.lr_g)
+    opt_d = make_optimizer(config.optimizer, discriminator.parameters(), config.lr_d)
+    autocast = (
+        functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+        if config.precision == "bf16" and device.type == "cuda"
+        else contextlib.nullcontext
+    )
+    plan = config.schedule()
+    planner = BudgetPlanner(plan, 0, deadline, config.fractions())
+    inputs = train_data.prefetched_map(
+        step_input, itertools.count(0), threads=max(1, (os.cpu_count() or 2) - 2)
+    )
+    best, best_step, best_state, validations, step = -math.inf, 0, None, [], 0
+    while step < plan.t_train:
+        phase = plan.phase(step)
+        keys, crops, masks_np, boxes_np = next(inputs)
+        started = time.perf_counter()
+        losses = train_step(
+            phase, generator, discriminator, opt_g, opt_d, images_to_tensor(crops, device, config.channels_last),
+            torch.from_numpy(masks_np).to(device), torch.from_numpy(boxes_np).to(device),
+            mean_pixel=mean, local_size=config.local_size, alpha=config.alpha, autocast=autocast,
+        )  # fmt: skip
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise FloatingPointError(f"non-finite loss at step {step} (phase {phase}): {losses}")
+        step += 1
+        plan = planner.after_step(step, time.perf_counter() - started)
+        if step in plan.validation_steps() or step == plan.t_train:
+            started = time.perf_counter()
+            metrics, _ = evaluate(generator, val_images, val_masks, mean)
+            validations.append({"step": step, "phase": phase, **metrics})
+            if metrics["val_hole_psnr"] > best:
+                best, best_step = metrics["val_hole_psnr"], step
+                best_state = {
+                    k: t.detach().to("cpu", copy=True) for k, t in unwrapped_state_dict(generator).items()
+                }
+            planner.note_overhead(time.perf_counter() - started)
+    if best_state is not None:
+        generator.load_state_dict(best_state)
+    extra = {"validations": validations, "schedule_plans": planner.plans, "stopped_at_deadline": planner.stopped,
+             "exported": {"which": "best", "step": best_step}, "best_val_hole_psnr": best, "path": "plain_torch"}  # fmt: skip
+    save_checkpoint(config.output, model_config(config, plan, mean, best_step, extra), generator)
+    return {"budget_s": round(config.time_budget_s, 1), "output": config.output, "steps": step}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,6 +725,9 @@ def parse_args(argv):
     parser.add_argument("--dry-run", action="store_true", help="the same stages on CPU, tiny, in seconds")
     parser.add_argument("--carry-only", action="store_true", help="print what the GPU run carries, and stop")
     parser.add_argument(
+        "--plain-torch", action="store_true", help="train without Ray Train, as after a failed smoke run"
+    )
+    parser.add_argument(
         "--photos", default=None, help="the photo set (default: ../shared/photos, else data/photos)"
     )
     parser.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench_out" / "gpu_run")))
@@ -661,16 +765,29 @@ def main(argv: list[str] | None = None) -> dict:
         run.figures["environment"].update(start_ray(run))
     ray_train = False
     with run.stage("smoke", SETUP_DEADLINE_S) as record:
+        if args.plain_torch:
+            raise RuntimeError("--plain-torch: Ray Train is not used")
         record.update(within(SETUP_DEADLINE_S - run.elapsed(), smoke_train, run))
         ray_train = True
-    run.figures["path"]["training"] = "ray_train" if ray_train else "none: Ray Train failed its smoke run"
+    run.figures["path"]["training"] = (
+        "ray_train"
+        if ray_train
+        else f"plain_torch: {'--plain-torch' if args.plain_torch else 'Ray Train failed its smoke run'}"
+    )
     trained = False
-    if ray_train:
-        with run.stage("train", train_deadline) as record:
-            # A training that never finishes (a data path starved, a hung collective) must not hold
-            # the stages after it: they get the machine at their time.
-            record.update(within(train_deadline + 20 - run.elapsed(), train, run, photos, train_deadline))
-            trained = True
+    with run.stage("train", train_deadline) as record:
+        # A training that never finishes (a data path starved, a hung collective) must not hold
+        # the stages after it: they get the machine at their time.
+        record.update(
+            within(
+                train_deadline + 20 - run.elapsed(),
+                train if ray_train else plain_train,
+                run,
+                photos,
+                train_deadline,
+            )
+        )
+        trained = True
     exported = False
     if trained:
         with run.stage("export", train_deadline + reserve["export"]) as record:

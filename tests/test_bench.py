@@ -148,12 +148,15 @@ def test_shards_bench_counts_requests_and_blocks_for_files_and_tars(tmp_path):
 
 
 @pytest.mark.timeout(420)
-def test_gpu_run_dry_run_writes_what_the_gpu_run_hands_back(tmp_path):
+@pytest.mark.parametrize("path", ["ray_train", "plain_torch"])
+def test_gpu_run_dry_run_writes_what_the_gpu_run_hands_back(tmp_path, path):
     """bench/gpu_run.py --dry-run: the GPU run's every stage on CPU (issue #20), so the command a
-    lent GPU gets has run before, and its files are the ones the GPU run would hand back."""
+    lent GPU gets has run before, and its files are the ones the GPU run would hand back; also
+    along the path it takes when Ray Train fails its smoke run (training in plain torch)."""
     out, work = tmp_path / "out", tmp_path / "work"
+    extra = ["--plain-torch", "--total-s", "120"] if path == "plain_torch" else []
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu_run.py"), "--dry-run", "--out", str(out), "--work", str(work)],
+        [sys.executable, str(REPO / "bench" / "gpu_run.py"), "--dry-run", "--out", str(out), "--work", str(work), *extra],
         cwd=REPO, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert proc.returncode == 0, f"gpu_run.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
@@ -163,9 +166,11 @@ def test_gpu_run_dry_run_writes_what_the_gpu_run_hands_back(tmp_path):
             "evaluate.md", "gpu_run.json", "gpu_run.log"} <= set(names)  # fmt: skip
     figures = json.loads((out / "gpu_run.json").read_text())
     assert figures["dry_run"] and "CPU" in figures["device"]
-    assert all(stage["ok"] for stage in figures["stages"].values()), figures["stages"]
+    stages = figures["stages"]
+    assert stages["smoke"]["ok"] == (path == "ray_train")
+    assert all(stage["ok"] for name, stage in stages.items() if name != "smoke"), stages
     assert figures["elapsed_s"] < figures["total_s"] + 30
-    assert figures["path"]["training"] == "ray_train" and figures["carry"]["total_mib"] > 0
+    assert figures["path"]["training"].startswith(path) and figures["carry"]["total_mib"] > 0
 
     # The handed-back generator is a checkpoint once its config is named config.json again (what
     # committing it under model/weights/ does), fp16 on disk, and it loads as inpainting loads it.
