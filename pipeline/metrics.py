@@ -58,7 +58,7 @@ TRAIN_STEPS_PER_S = "glcic_train_steps_per_second"  # Gauge {run}
 TRAIN_IMAGES_PER_S = "glcic_train_images_per_second"  # Gauge {run}: all workers
 TRAIN_PHASE = "glcic_train_phase"  # Gauge {run}: 1 completion MSE, 2 discriminator, 3 joint
 TRAIN_LOSS = "glcic_train_loss"  # Gauge {run, loss}: loss_mse, loss_d, loss_adv
-TRAIN_VALIDATION = "glcic_train_validation"  # Gauge {run, metric}: val_hole_l1, val_hole_psnr, val_psnr, val_ssim
+TRAIN_VALIDATION = "glcic_train_validation"  # Gauge {run, metric}: val_hole_l1/_psnr, val_psnr, val_ssim
 TRAIN_ETA = "glcic_train_eta_seconds"  # Gauge {run}
 
 RAY_METRIC_NAMES = (
