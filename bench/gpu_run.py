@@ -369,7 +369,7 @@ def plain_train(run: GpuRun, photos: Path, deadline_s: float) -> dict:
     inputs = train_data.prefetched_map(
         step_input, itertools.count(0), threads=max(1, (os.cpu_count() or 2) - 2)
     )
-    best, best_step, best_state, validations, step = -math.inf, 0, None, [], 0
+    best, best_step, best_state, validations, step, inside_phase1 = -math.inf, 0, None, [], 0, 0
     while step < plan.t_train:
         phase = plan.phase(step)
         keys, crops, masks_np, boxes_np = next(inputs)
@@ -383,7 +383,8 @@ def plain_train(run: GpuRun, photos: Path, deadline_s: float) -> dict:
             raise FloatingPointError(f"non-finite loss at step {step} (phase {phase}): {losses}")
         step += 1
         plan = planner.after_step(step, time.perf_counter() - started)
-        if step in plan.validation_steps() or step == plan.t_train:
+        if plan.validation_due(step, inside_phase1) or step == plan.t_train:
+            inside_phase1 += step < plan.tc
             started = time.perf_counter()
             metrics, _ = evaluate(generator, val_images, val_masks, mean)
             validations.append({"step": step, "phase": phase, **metrics})

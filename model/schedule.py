@@ -66,11 +66,16 @@ class Schedule:
     def phase_ends(self) -> set[int]:
         return {s for s in (self.tc, self.tc + self.td, self.t_train) if s > 0}
 
-    def validation_steps(self) -> set[int]:
-        """Where a planned run validates: each phase end and ``PHASE1_VALIDATIONS`` points evenly
-        inside phase 1."""
-        inside = {self.tc * i // (PHASE1_VALIDATIONS + 1) for i in range(1, PHASE1_VALIDATIONS + 1)}
-        return self.phase_ends | {s for s in inside if s > 0}
+    def validation_due(self, done: int, inside_done: int) -> bool:
+        """Whether a planned run validates after ``done`` steps, ``inside_done`` validations inside
+        phase 1 made so far: at each phase end, and at ``PHASE1_VALIDATIONS`` points evenly inside
+        phase 1. A point is due once passed, so a re-plan that shortens phase 1 past a point
+        validates at the next step instead of skipping it."""
+        if done in self.phase_ends:
+            return True
+        if done >= self.tc or inside_done >= PHASE1_VALIDATIONS:
+            return False
+        return done >= self.tc * (inside_done + 1) // (PHASE1_VALIDATIONS + 1)
 
     def stopped_at(self, done: int) -> Schedule:
         """This schedule cut short after ``done`` steps: the phases that had not ended end there."""
