@@ -436,8 +436,8 @@ def build_trainer(
             "mean_pixel": list(mean_pixel),
             "mean_pixel_from": mean_from or {},  # stated in every checkpoint's config
             "val": val,
-            "deadline": deadline,
-            "resident": resident,  # the dataset is train_data.scaled_images rows, read once  # time.time() by which the run ends, export included (--time-budget-s)
+            "deadline": deadline,  # time.time() by which the run ends, export included (--time-budget-s)
+            "resident": resident,  # the dataset is train_data.scaled_images rows, read once
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
