@@ -12,6 +12,7 @@ feeds, against the ~2,000 crops/s an H200 trains on at 256 px (issue #20's estim
 
 from __future__ import annotations
 
+import io
 import os
 import time
 
@@ -52,6 +53,32 @@ def main(argv: list[str] | None = None) -> dict:
     streamed = per_second(
         lambda i: scale_and_crop(decode_image(blobs[i % len(blobs)]), size, rng), args.crops
     )
+    # The same photos as samples of one WebDataset tar (pipeline/train_shards.py): the shard read
+    # once and taken apart, each sample decoded, rescaled and cropped; and the survey's pass over
+    # it (sample keys only, nothing decoded), per sample.
+    import tarfile
+    import tempfile
+
+    from pipeline.train_shards import ShardInput, sample_keys, shard_images
+
+    tar_path = os.path.join(tempfile.mkdtemp(prefix="glcic-bench-"), "00000.tar")
+    with tarfile.open(tar_path, "w") as archive:
+        for i, blob in enumerate(blobs):
+            info_ = tarfile.TarInfo(f"{i:06d}.jpg")
+            info_.size = len(blob)
+            archive.addfile(info_, io.BytesIO(blob))
+    tar_input = ShardInput("webdataset")
+    passes = max(1, args.crops // len(blobs))
+    start = time.perf_counter()
+    for _ in range(passes):
+        for _key, image in shard_images("00000.tar", tar_path, tar_input, lambda uri: True):
+            scale_and_crop(image, size, rng)
+    from_tar = passes * len(blobs) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(passes):
+        sample_keys("00000.tar", tar_path, tar_input, None)
+    survey_per_s = passes * len(blobs) / (time.perf_counter() - start)
+
     started = time.perf_counter()
     scaled = [scale_for_crops(decode_image(b), size) for b in blobs]
     load_s = time.perf_counter() - started
@@ -107,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows, results = [], {}
     for name, per_core in (
         ("streamed: decode + scale + crop", streamed),
+        ("streamed from a tar shard: read + split + decode + scale + crop", from_tar),
+        ("survey of a tar shard: sample keys, no decoding", survey_per_s),
         ("resident: crop from the decoded copy", resident),
         ("mask (rectangle)", rectangle),
         ("mask (freeform)", freeform),
@@ -144,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             "resident_over_streamed": ratio,
             "resident_bytes_per_image": float(pixels * 3),
             "threaded_step_inputs_per_s": {str(t): v for t, v in threaded.items()},
+            "tar_over_files_streamed": from_tar / streamed,
         },
     )
 

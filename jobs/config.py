@@ -52,6 +52,26 @@ class TrainConfig:
         "a line), listed a page at a time"
     )
     output: str = flag("URI of the exported final completion-network checkpoint (what jobs.inpaint loads)")
+    input_format: Literal["auto", "files", "webdataset", "parquet"] = flag(
+        "what --images (and --val-images) hold, as for glcic inpaint: files, webdataset (.tar shards, or a "
+        "brace pattern such as shards/{00000..00999}.tar) or parquet (image bytes in a column, as "
+        "img2dataset writes them); auto: what the listing finds (any .tar: webdataset)",
+        "auto",
+    )
+    image_column: str | None = flag(
+        "parquet: the column of image bytes (default: the first of jpg, png, webp, image present)", None
+    )
+    key_column: str = flag("parquet: the column of sample keys", "key")
+    image_ext: str | None = flag(
+        "webdataset: the image member's extension, exactly (default: the member whose extension ends in "
+        "jpg, jpeg, png or webp, never a mask.* one)",
+        None,
+    )
+    shuffle_buffer: int = flag(
+        "shards: crops each training worker mixes before it batches them, since a shard's samples arrive "
+        "together (about image_size^2 x 3 bytes each); files are shuffled by key instead",
+        1024,
+    )
     storage_path: str | None = flag(
         "Ray Train run storage (checkpoints, progress images); default: '<output>-runs'", None
     )
@@ -188,6 +208,7 @@ class TrainConfig:
             "val_limit",
             "min_epoch_steps",
             "mean_pixel_images",
+            "shuffle_buffer",
         )
         _raise_if(self, problems)
 

@@ -99,12 +99,20 @@ def upload_checkpoint(checkpoint, dir_name: str):
     return Checkpoint(dest, filesystem=fs)
 
 
-def endless_batches(shard, batch_size: int, keys_log: list | None) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Batches of this worker's shard, epoch after epoch (fresh random crops each epoch)."""
+def endless_batches(
+    shard, batch_size: int, keys_log: list | None, shuffle_buffer: int = 0
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Batches of this worker's shard, epoch after epoch (fresh random crops each epoch), mixed
+    in a local buffer of ``shuffle_buffer`` crops when the rows arrive in runs (samples of shards)."""
     epoch = 0
     while True:
         produced = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+        for batch in shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=shuffle_buffer or None,
+        ):
             produced += 1
             keys = [str(k) for k in batch["key"]]
             if keys_log is not None and epoch == 0:
@@ -229,7 +237,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         threads = max(1, math.ceil(config.cpus_per_worker) - 1) if on_gpu else 1
         inputs = train_data.prefetched_map(step_input, itertools.count(start_step), threads=threads)
     else:
-        batches = endless_batches(shard, per_worker_batch, keys_log)
+        batches = endless_batches(shard, per_worker_batch, keys_log, loop_config.get("shuffle_buffer", 0))
         inputs = train_data.prefetched(train_data.step_inputs(batches, start_step, masks_for))
     # Rank 0's live figures: Ray metrics and <run>/_progress.json (pipeline.metrics).
     reporter = TrainReporter(config.run_name, run_uri, plan.t_train, endpoint_url) if rank == 0 else None
@@ -419,6 +427,7 @@ def build_trainer(
     mean_from: dict | None = None,
     deadline: float | None = None,
     resident: bool = False,
+    shuffle_buffer: int = 0,
 ):
     """The ``TorchTrainer`` of ``train_loop_per_worker`` over ``dataset`` (what ``run`` and
     bench/train.py fit): scaling, run storage, failure handling and checkpoint retention from
@@ -438,6 +447,7 @@ def build_trainer(
             "val": val,
             "deadline": deadline,  # time.time() by which the run ends, export included (--time-budget-s)
             "resident": resident,  # the dataset is train_data.scaled_images rows, read once
+            "shuffle_buffer": shuffle_buffer,  # > 0: the rows come a shard at a time
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
@@ -456,6 +466,25 @@ def build_trainer(
     )
 
 
+def shard_inputs(config: TrainConfig, endpoint_url: str | None):
+    """How the training and the validation images are read: ``train_shards.ShardInput`` of the
+    layout found (or forced by ``--input-format``), or None for one object per image. Validation
+    images held out of ``--images`` are read as those are."""
+    from pipeline.shard_layout import detect_layout
+    from pipeline.train_shards import ShardInput
+
+    def of(source: str | None):
+        if source is None:
+            return None
+        layout = detect_layout(source, endpoint_url, config.input_format)
+        if layout == "files":
+            return None
+        return ShardInput(layout, config.image_column, config.key_column, config.image_ext)
+
+    images = of(config.images)
+    return images, (of(config.val_images) if config.val_images else images)
+
+
 def run(config: TrainConfig) -> str:
     """Train and export; return the URI of the final completion-network checkpoint."""
     import ray
@@ -466,6 +495,9 @@ def run(config: TrainConfig) -> str:
     if not ray.is_initialized():
         ray.init()
     endpoint_url = config.endpoint_url or storage.endpoint_url_from_env()
+    shards, val_shards = shard_inputs(config, endpoint_url)
+    if shards is not None:
+        print(f"the training images are samples of {shards.layout} shards")
 
     # One streaming pass over the listing, in a task: the driver gets counts and a few URIs.
     survey = ray.get(
@@ -477,6 +509,8 @@ def run(config: TrainConfig) -> str:
             sample_size=config.mean_pixel_images,
             val_source=config.val_images,
             endpoint_url=endpoint_url,
+            shards=shards,
+            val_shards=val_shards,
         )
     )
     print(f"{survey.train_count} training images, {survey.val_count} validation images")
@@ -496,7 +530,9 @@ def run(config: TrainConfig) -> str:
         mean_from = init.config.extra.get("mean_pixel_from", {"init_generator": config.init_generator})
         print(f"mean pixel of --init-generator: {tuple(round(v, 4) for v in mean_pixel)}")
     else:
-        mean_pixel, sampled = train_data.mean_pixel(survey.sample_uris, endpoint_url)
+        mean_pixel, sampled = train_data.mean_pixel(
+            survey.sample_uris, endpoint_url, shards, survey.sample_keys
+        )
         mean_from = {"images": sampled, "of": survey.train_count, "sample": "lowest hash of ('mean', uri)"}
         print(
             f"mean pixel of {sampled} of the {survey.train_count} training images: "
@@ -504,7 +540,9 @@ def run(config: TrainConfig) -> str:
         )
     val = None
     if survey.val_uris:
-        val = train_data.validation_arrays(survey.val_keys, survey.val_uris, config.image_size, endpoint_url)
+        val = train_data.validation_arrays(
+            survey.val_keys, survey.val_uris, config.image_size, endpoint_url, val_shards
+        )
     resident = config.resident_max_gib > 0 and train_data.fits_in_memory(
         survey.train_count, config.image_size, config.num_workers, config.resident_max_gib
     )
@@ -528,11 +566,15 @@ def run(config: TrainConfig) -> str:
         endpoint_url=endpoint_url,
         num_cpus=config.data_cpus,
         resident=resident,
+        shards=shards,
     )
 
     if config.export == "best" and val is None:
         print("--export best needs validation images (val_fraction or val_images); exporting the last step")
-    trainer = build_trainer(config, dataset, mean_pixel, val, endpoint_url, mean_from, deadline, resident)
+    shuffle_buffer = config.shuffle_buffer if shards is not None and not resident else 0
+    trainer = build_trainer(
+        config, dataset, mean_pixel, val, endpoint_url, mean_from, deadline, resident, shuffle_buffer
+    )
     started = time.perf_counter()
     result = trainer.fit()
     print(f"training took {time.perf_counter() - started:.1f} s")

@@ -13,12 +13,15 @@ Errors are ``DecodeError`` with a stable ``kind`` (``empty``, ``not_an_image``, 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
 
 # Never hand half an image to the network: a truncated file is an error row, not a grey band.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -203,3 +206,13 @@ def crop_scaled(
     if window == size:
         return np.ascontiguousarray(patch)
     return cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def decode_or_none(data: bytes, key: str) -> np.ndarray | None:
+    """``decode_image`` (the inference decoder: EXIF, modes, 16-bit, CMYK, bombs), or
+    None with a warning naming the file: one corrupt JPEG among millions must not stop a run."""
+    try:
+        return decode_image(data)
+    except DecodeError as e:
+        logger.warning("skipping %s: %s (%s)", key, e, e.kind)
+        return None

@@ -70,7 +70,9 @@ def pixels(raw, height: int, width: int, channels: int = 3) -> np.ndarray:
 @dataclass(frozen=True)
 class ShardOptions:
     layout: str  # webdataset / parquet
-    read: ReadOptions  # decode limits, generated masks (masks of a shard come from its members)
+    # Decode limits, generated masks (masks of a shard come from its members); training, which
+    # only takes the samples' bytes (shard_samples), has none.
+    read: ReadOptions | None = None
     image_column: str | None = None  # Parquet: default the first of parquet_shard.IMAGE_COLUMNS
     key_column: str = parquet_shard.KEY_COLUMN
     mask_column: str = parquet_shard.MASK_COLUMN
@@ -79,7 +81,9 @@ class ShardOptions:
 
 
 @dataclass
-class _Sample:
+class Sample:
+    """One sample of a shard, not yet decoded."""
+
     index: int
     key: str
     member: str
@@ -89,13 +93,13 @@ class _Sample:
     error: tuple[str, str] | None = None
 
 
-def _tar_samples(data: bytes, options: ShardOptions) -> tuple[list[_Sample], tuple[str, str] | None]:
+def _tar_samples(data: bytes, options: ShardOptions) -> tuple[list[Sample], tuple[str, str] | None]:
     contents = tar_shard.read_tar(data)
     samples = []
     for index, item in enumerate(contents.items):
         if not isinstance(item, tar_shard.TarSample):
             continue
-        sample = _Sample(index, item.key, "", None, error=item.error)
+        sample = Sample(index, item.key, "", None, error=item.error)
         if sample.error is None:
             try:
                 image = tar_shard.image_member(item, options.image_ext)
@@ -113,7 +117,7 @@ def _tar_samples(data: bytes, options: ShardOptions) -> tuple[list[_Sample], tup
     return samples, damage
 
 
-def _parquet_samples(data: bytes, options: ShardOptions) -> list[_Sample]:
+def _parquet_samples(data: bytes, options: ShardOptions) -> list[Sample]:
     try:
         table = parquet_shard.read_parquet(data)
     except (pa.ArrowException, OSError) as e:
@@ -129,7 +133,7 @@ def _parquet_samples(data: bytes, options: ShardOptions) -> list[_Sample]:
     masks = table.column(options.mask_column).to_pylist() if has_mask else [None] * len(table)
     samples = []
     for index, (key, image, mask) in enumerate(zip(keys, images, masks, strict=True)):
-        sample = _Sample(index, "" if key is None else str(key), image_col, image, mask, options.mask_column)
+        sample = Sample(index, "" if key is None else str(key), image_col, image, mask, options.mask_column)
         if key is None:
             sample.error = ("null_key", f"row {index} has a null {key_col!r}")
         elif image is None:
@@ -141,7 +145,17 @@ def _parquet_samples(data: bytes, options: ShardOptions) -> list[_Sample]:
     return samples
 
 
-def _decode(samples: list[_Sample], options: ShardOptions) -> pa.Table:
+def shard_samples(data: bytes, options: ShardOptions) -> tuple[list[Sample], tuple[str, str] | None]:
+    """A shard's samples from its bytes, not yet decoded, each with its image bytes or why it has
+    none, and the damage that ended a tar early (None if none): what the read stage decodes and
+    what training reads (pipeline/train_shards.py). Raises ``RowError`` when the shard as a whole
+    cannot be read (not Parquet, no such column)."""
+    if options.layout == "webdataset":
+        return _tar_samples(data, options)
+    return _parquet_samples(data, options), None
+
+
+def _decode(samples: list[Sample], options: ShardOptions) -> pa.Table:
     columns: dict[str, list] = {f.name: [] for f in SAMPLE_SCHEMA}
     for sample in samples:
         row = dict(
@@ -170,7 +184,7 @@ def _decode(samples: list[_Sample], options: ShardOptions) -> pa.Table:
 
 def shard_level_error(kind: str, message: str) -> pa.Table:
     """The one row a shard that cannot be read at all gets (its key is empty)."""
-    return _decode([_Sample(-1, "", "", None, error=(kind, message))], None)
+    return _decode([Sample(-1, "", "", None, error=(kind, message))], None)
 
 
 def read_shard(batch: dict[str, np.ndarray], *, options: ShardOptions) -> dict[str, list]:
@@ -194,10 +208,7 @@ def read_shard(batch: dict[str, np.ndarray], *, options: ShardOptions) -> dict[s
             except Exception as e:
                 raise RowError("read_failed", f"{type(e).__name__}: {e}") from None
             read_s = time.perf_counter() - start
-            if options.layout == "webdataset":
-                samples, damage = _tar_samples(data, options)
-            else:
-                samples, damage = _parquet_samples(data, options), None
+            samples, damage = shard_samples(data, options)
             table = _decode(samples, options)
             if len(table):
                 # The shard's GET, shared by its samples.

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.masks import training_mask
-from pipeline import storage
-from pipeline.decode import DecodeError, crop_scaled, decode_image, scale_and_crop, scale_for_crops
+from pipeline import shard_layout, storage, train_shards
+from pipeline.decode import crop_scaled, decode_or_none, scale_and_crop, scale_for_crops
+from pipeline.train_shards import ShardInput
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,17 @@ class Survey:
     split: Split
     val_uris: list[str]  # the first ``val_limit`` validation images by URI, with their roots' keys
     val_keys: list[str]
-    sample_uris: list[str]  # up to ``sample_size`` training images, the lowest hash of ("mean", uri)
+    sample_uris: list[str]  # up to ``sample_size`` training images, the lowest ``mean_rank``
+    sample_keys: list[str] = dataclasses.field(default_factory=list)  # theirs, in the same order
+
+
+def mean_rank(uri: str) -> tuple[float, ...]:
+    """Which training images the mean pixel is computed from: the lowest of a hash of ("mean",
+    uri). A sample in a shard ranks by its shard's hash first, so the sample fills a few shards,
+    each read once, rather than touching one sample in each of thousands."""
+    if train_shards.SAMPLE_SEPARATOR in uri:
+        return (_score("mean", train_shards.parse_sample_uri(uri)[0]), _score("mean", uri))
+    return (_score("mean", uri),)
 
 
 def survey(
@@ -136,6 +147,8 @@ def survey(
     sample_size: int,
     val_source: str | None = None,
     endpoint_url: str | None = None,
+    shards: ShardInput | None = None,
+    val_shards: ShardInput | None = None,
 ) -> Survey:
     """Survey ``source`` (and ``val_source``, when validation images have their own prefix) in one
     streaming pass each, holding only ``val_limit + sample_size`` URIs. Runs as a Ray task."""
@@ -144,7 +157,7 @@ def survey(
     n = held = 0
     lowest, highest = (2.0, "", ""), (-1.0, "", "")  # (score, uri, key): the split's exceptions
     first_val: list[tuple[_Reversed, str]] = []  # the smallest URIs held out, as a max-heap
-    sample: list[tuple[float, str]] = []  # the lowest ("mean", uri) hashes, as a max-heap
+    sample: list[tuple[tuple, str, str]] = []  # the lowest mean_rank, as a max-heap (ranks negated)
 
     def keep_first(uri: str, key: str) -> None:
         if len(first_val) < val_limit:
@@ -152,14 +165,14 @@ def survey(
         elif val_limit and uri < first_val[0][0].value:
             heapq.heapreplace(first_val, (_Reversed(uri), key))
 
-    def keep_sample(uri: str) -> None:
-        entry = (-_score("mean", uri), uri)
+    def keep_sample(uri: str, key: str) -> None:
+        entry = (tuple(-r for r in mean_rank(uri)), uri, key)
         if len(sample) < sample_size:
             heapq.heappush(sample, entry)
         elif sample_size and entry > sample[0]:
             heapq.heapreplace(sample, entry)
 
-    for keys, uris in image_pages(source, endpoint_url):
+    for keys, uris in training_pages(source, shards, endpoint_url):
         for key, uri in zip(keys, uris, strict=True):
             n += 1
             score = _score(seed, uri)
@@ -168,8 +181,10 @@ def survey(
                 held += 1
                 keep_first(uri, key)
             else:
-                keep_sample(uri)
+                keep_sample(uri, key)
     if not n:
+        if shards is not None:
+            raise NoImagesError(f"{source}: no usable samples in {shards.layout} shards")
         raise NoImagesError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     if rule.fraction and n < 2:
         raise NoImagesError(f"need at least 2 images to hold out a validation split, got {n}")
@@ -181,12 +196,12 @@ def survey(
     elif rule.fraction and held == n:  # ... and with all held out, the highest trains
         rule = dataclasses.replace(rule, force_train=highest[1])
         first_val = [e for e in first_val if e[0].value != highest[1]]
-        sample = [(-_score("mean", highest[1]), highest[1])]
+        sample = [(tuple(-r for r in mean_rank(highest[1])), highest[1], highest[2])]
         held = n - 1
     train_count = n - held
     if val_source:
         held = 0
-        for keys, uris in image_pages(val_source, endpoint_url):
+        for keys, uris in training_pages(val_source, val_shards, endpoint_url):
             for key, uri in zip(keys, uris, strict=True):
                 held += 1
                 keep_first(uri, key)
@@ -197,8 +212,42 @@ def survey(
         split=rule,
         val_uris=[u for u, _ in ordered],
         val_keys=[k for _, k in ordered],
-        sample_uris=sorted(u for _, u in sample),
+        sample_uris=[u for u, _ in sorted((u, k) for _, u, k in sample)],
+        sample_keys=[k for _, k in sorted((u, k) for _, u, k in sample)],
     )
+
+
+def training_pages(
+    source: str, shards: ShardInput | None, endpoint_url: str | None = None
+) -> Iterator[tuple[list[str], list[str]]]:
+    """``(keys, URIs)`` a page at a time of the images under ``source``: its image files, or the
+    samples of its shards (``sample_pages``)."""
+    if shards is None:
+        return image_pages(source, endpoint_url)
+    return sample_pages(source, shards, endpoint_url)
+
+
+SURVEY_THREADS = 8  # shards the survey reads at once (it waits on storage, not the CPU)
+
+
+def sample_pages(
+    source_uri: str, source: ShardInput, endpoint_url: str | None = None
+) -> Iterator[tuple[list[str], list[str]]]:
+    """``(display keys, sample URIs)`` of the usable samples of every shard ``source_uri`` names,
+    a page a shard, in listing order, ``SURVEY_THREADS`` shards read at once: what
+    ``survey`` streams for a sharded training set."""
+    entries = shard_layout.shard_entries(source_uri, source.layout, endpoint_url)
+
+    def page(entry: tuple[str, str]) -> tuple[list[str], list[str]]:
+        shard_key, uri = entry
+        keys = train_shards.sample_keys(shard_key, uri, source, endpoint_url)
+        return [train_shards.display_key(shard_key, k) for k in keys], [
+            train_shards.sample_uri(uri, k) for k in keys
+        ]
+
+    for keys, uris in prefetched_map(page, entries, threads=SURVEY_THREADS, depth=2 * SURVEY_THREADS):
+        if keys:
+            yield keys, uris
 
 
 class _Reversed:
@@ -216,19 +265,15 @@ class _Reversed:
         return isinstance(other, _Reversed) and self.value == other.value
 
 
-def decode_or_none(data: bytes, key: str) -> np.ndarray | None:
-    """``pipeline.decode.decode_image`` (the inference decoder: EXIF, modes, 16-bit, CMYK, bombs), or
-    None with a warning naming the file: one corrupt JPEG among millions must not stop a run."""
-    try:
-        return decode_image(data)
-    except DecodeError as e:
-        logger.warning("skipping %s: %s (%s)", key, e, e.kind)
-        return None
-
-
-def read_images(batch: dict[str, np.ndarray], endpoint_url: str | None) -> Iterator[tuple[str, np.ndarray]]:
+def read_images(
+    batch: dict[str, np.ndarray], endpoint_url: str | None, shards: ShardInput | None = None, split=None
+) -> Iterator[tuple[str, np.ndarray]]:
     """``(key, RGB image)`` of each ``{"key", "uri"}`` row; a file that is gone or undecodable is
-    skipped with a warning naming it."""
+    skipped with a warning naming it. ``shards``: the rows are shards (``train_shards.batch_images``:
+    each read once, for its picked samples or else the ones ``split`` trains on)."""
+    if shards is not None:
+        yield from train_shards.batch_images(batch, shards, endpoint_url, split)
+        return
     for key, uri in zip(batch["key"], batch["uri"], strict=True):
         key, uri = str(key), str(uri)
         fs, path = storage.filesystem(uri, endpoint_url)
@@ -243,23 +288,37 @@ def read_images(batch: dict[str, np.ndarray], endpoint_url: str | None) -> Itera
 
 
 def crop_images(
-    batch: dict[str, np.ndarray], *, image_size: int, random: bool = True, endpoint_url: str | None = None
+    batch: dict[str, np.ndarray],
+    *,
+    image_size: int,
+    random: bool = True,
+    endpoint_url: str | None = None,
+    shards: ShardInput | None = None,
+    split=None,
 ) -> dict:
-    """Ray Data ``map_batches`` function: ``{"key", "uri"}`` rows -> ``{"key", "image"}`` crops."""
+    """Ray Data ``map_batches`` function: ``{"key", "uri"}`` rows (files, or shards: ``read_images``)
+    -> ``{"key", "image"}`` crops."""
     rng = np.random.default_rng() if random else None
     keys, crops = [], []
-    for key, image in read_images(batch, endpoint_url):
+    for key, image in read_images(batch, endpoint_url, shards, split):
         keys.append(key)
         crops.append(scale_and_crop(image, image_size, rng))
     images = np.stack(crops) if crops else np.zeros((0, image_size, image_size, 3), np.uint8)
     return {"key": np.array(keys, dtype=object), "image": images}
 
 
-def scaled_images(batch: dict[str, np.ndarray], *, image_size: int, endpoint_url: str | None = None) -> dict:
+def scaled_images(
+    batch: dict[str, np.ndarray],
+    *,
+    image_size: int,
+    endpoint_url: str | None = None,
+    shards: ShardInput | None = None,
+    split=None,
+) -> dict:
     """Ray Data ``map_batches`` function of a resident training set: ``{"key", "uri"}`` rows ->
     ``{"key", "image"}`` with each image decoded and at ``scale_for_crops``'s scale (sizes vary)."""
     keys, images = [], []
-    for key, image in read_images(batch, endpoint_url):
+    for key, image in read_images(batch, endpoint_url, shards, split):
         keys.append(key)
         images.append(scale_for_crops(image, image_size))
     column = np.empty(len(images), dtype=object)
@@ -394,20 +453,25 @@ def step_inputs(
         step += 1
 
 
-def channel_sums(batch: dict[str, np.ndarray], *, endpoint_url: str | None = None) -> dict[str, np.ndarray]:
+def channel_sums(
+    batch: dict[str, np.ndarray], *, endpoint_url: str | None = None, shards: ShardInput | None = None
+) -> dict[str, np.ndarray]:
     """One row per batch: its RGB sums, pixel count and images (float64: exact at any realistic size)."""
     sums, pixels, images = np.zeros(3, np.float64), 0.0, 0
-    for _, image in read_images(batch, endpoint_url):
+    for _, image in read_images(batch, endpoint_url, shards):
         sums += image.reshape(-1, 3).sum(0, dtype=np.float64)
         pixels += image.shape[0] * image.shape[1]
         images += 1
     return {"sums": sums[None], "pixels": np.array([pixels]), "images": np.array([images])}
 
 
-def rows_dataset(keys: list[str], uris: list[str]):
-    """A small Ray Dataset of ``{"key", "uri"}`` rows (the validation images, the mean's sample)."""
+def rows_dataset(keys: list[str], uris: list[str], shards: ShardInput | None = None):
+    """A small Ray Dataset of ``{"key", "uri"}`` rows (the validation images, the mean's sample);
+    of samples in shards, one row a shard that picks them (``train_shards.picked_rows``)."""
     import ray.data
 
+    if shards is not None:
+        return ray.data.from_items(train_shards.picked_rows(keys, uris))
     return ray.data.from_items([{"key": k, "uri": u} for k, u in zip(keys, uris, strict=True)])
 
 
@@ -480,6 +544,30 @@ def list_training_keys(
         yield page()
 
 
+def list_training_shards(
+    batch: dict[str, np.ndarray],
+    *,
+    source: ShardInput,
+    copies: int,
+    endpoint_url: str | None,
+    seed: int = 0,
+    epochs=None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data ``map_batches`` function: ``{"source"}`` -> one ``{"key", "uri"}`` row a shard (its
+    own block, so each shard is its own read task), ``copies`` times over, each copy's shards in
+    the order of ``epoch_order`` for this epoch (``epochs``: an ``EpochCounter``)."""
+    import ray
+
+    epoch = ray.get(epochs.next.remote()) if epochs is not None else 0
+    for source_uri in batch["source"]:
+        # A list of shards is the images' count / the shard size: small even for 100 M images.
+        shards = list(shard_layout.shard_entries(str(source_uri), source.layout, endpoint_url))
+        for copy in range(copies):
+            for i in epoch_order([f"{key}\x00{copy}" for key, _ in shards], seed, epoch):
+                key, uri = shards[i]
+                yield {"key": np.array([key], dtype=object), "uri": np.array([uri], dtype=object)}
+
+
 SHUFFLE_BLOCKS = 256  # blocks of keys per epoch: the shuffle's width (an all-to-all of this squared)
 
 
@@ -495,6 +583,7 @@ def training_dataset(
     num_cpus: float = 1.0,
     first_epoch: int = 0,
     resident: bool = False,
+    shards: ShardInput | None = None,
 ):
     """Random ``image_size`` crops of the training images under ``source``, in a fresh order each
     epoch: a listing task streams the keys (``copies`` times over, for tiny sets) in about
@@ -504,11 +593,44 @@ def training_dataset(
     epoch (``EpochCounter``, from ``first_epoch``), never the same two epochs running.
 
     ``resident``: the set is read once, each image decoded and scaled for cropping
-    (``scaled_images``) with no shuffle; the workers hold it (``ResidentImages``) and crop."""
+    (``scaled_images``) with no shuffle; the workers hold it (``ResidentImages``) and crop.
+
+    ``shards``: ``source`` holds shards (``pipeline.train_shards``): the listing task lists them in
+    a fresh order each epoch, one read task a shard decodes its training samples, and the workers'
+    local shuffle buffer mixes them (there is no shuffle of keys: the keys are inside the shards)."""
     import ray
     import ray.data
 
     epochs = ray.remote(num_cpus=0)(EpochCounter).remote(first_epoch)
+    if shards is not None:
+        ds = ray.data.from_items([{"source": source}])
+        ds.context.target_max_block_size = storage.KEY_ROW_BYTES  # a listed shard is a block, a task
+        ds = ds.map_batches(
+            list_training_shards,
+            batch_size=1,
+            num_cpus=0.25,  # it mostly waits on listing calls
+            fn_kwargs={
+                "source": shards,
+                "copies": copies,
+                "endpoint_url": endpoint_url,
+                "seed": seed,
+                "epochs": epochs,
+            },
+        )
+        read = scaled_images if resident else crop_images
+        kwargs = {} if resident else {"random": True}
+        return ds.map_batches(
+            read,
+            fn_kwargs={
+                "image_size": image_size,
+                "endpoint_url": endpoint_url,
+                "shards": shards,
+                "split": split,
+                **kwargs,
+            },
+            batch_size=1,
+            num_cpus=num_cpus,
+        )
 
     keys_per_block = max(16, -(-images * copies // SHUFFLE_BLOCKS))
     ds = ray.data.from_items([{"source": source}])
@@ -548,13 +670,23 @@ def training_dataset(
 
 
 def validation_arrays(
-    keys: list[str], uris: list[str], image_size: int, endpoint_url: str | None = None
+    keys: list[str],
+    uris: list[str],
+    image_size: int,
+    endpoint_url: str | None = None,
+    shards: ShardInput | None = None,
 ) -> dict[str, np.ndarray]:
     """Centre crops of the validation images as ``{"key", "image"}`` arrays, by key."""
     rows = (
-        rows_dataset(keys, uris)
+        rows_dataset(keys, uris, shards)
         .map_batches(
-            crop_images, fn_kwargs={"image_size": image_size, "random": False, "endpoint_url": endpoint_url}
+            crop_images,
+            fn_kwargs={
+                "image_size": image_size,
+                "random": False,
+                "endpoint_url": endpoint_url,
+                "shards": shards,
+            },
         )
         .take_all()
     )
@@ -567,13 +699,19 @@ def validation_arrays(
     }
 
 
-def mean_pixel(uris: list[str], endpoint_url: str | None = None) -> tuple[tuple[float, float, float], int]:
+def mean_pixel(
+    uris: list[str],
+    endpoint_url: str | None = None,
+    shards: ShardInput | None = None,
+    keys: list[str] | None = None,
+) -> tuple[tuple[float, float, float], int]:
     """The mean RGB pixel of ``uris`` in [0, 1] (``Survey.sample_uris``: a fixed-size sample, so
     the cost does not grow with the training set) and how many images it is the mean of. Ray Data
-    tasks decode and sum their share; the driver only adds one row per batch."""
+    tasks decode and sum their share; the driver only adds one row per batch. Samples in shards
+    need their display ``keys`` too."""
     rows = (
-        rows_dataset(uris, uris)
-        .map_batches(channel_sums, batch_size=16, fn_kwargs={"endpoint_url": endpoint_url})
+        rows_dataset(keys if keys is not None else uris, uris, shards)
+        .map_batches(channel_sums, batch_size=16, fn_kwargs={"endpoint_url": endpoint_url, "shards": shards})
         .take_all()
     )
     pixels = sum(float(r["pixels"]) for r in rows)
