@@ -602,70 +602,36 @@ def training_dataset(
     import ray.data
 
     epochs = ray.remote(num_cpus=0)(EpochCounter).remote(first_epoch)
-    if shards is not None:
-        ds = ray.data.from_items([{"source": source}])
-        ds.context.target_max_block_size = storage.KEY_ROW_BYTES  # a listed shard is a block, a task
-        ds = ds.map_batches(
-            list_training_shards,
-            batch_size=1,
-            num_cpus=0.25,  # it mostly waits on listing calls
-            fn_kwargs={
-                "source": shards,
-                "copies": copies,
-                "endpoint_url": endpoint_url,
-                "seed": seed,
-                "epochs": epochs,
-            },
-        )
-        read = scaled_images if resident else crop_images
-        kwargs = {} if resident else {"random": True}
-        return ds.map_batches(
-            read,
-            fn_kwargs={
-                "image_size": image_size,
-                "endpoint_url": endpoint_url,
-                "shards": shards,
-                "split": split,
-                **kwargs,
-            },
-            batch_size=1,
-            num_cpus=num_cpus,
-        )
-
-    keys_per_block = max(16, -(-images * copies // SHUFFLE_BLOCKS))
+    listed = {"copies": copies, "endpoint_url": endpoint_url, "seed": seed, "epochs": epochs}
+    read_kwargs = {"image_size": image_size, "endpoint_url": endpoint_url}
+    if shards is None:
+        keys_per_block = max(16, -(-images * copies // SHUFFLE_BLOCKS))
+        # One block per page of keys: Ray Data would otherwise merge a task's small rows into
+        # blocks of up to 128 MiB, and a block is what one read task decodes.
+        block_rows, rows_per_read = keys_per_block, 16
+        listing = list_training_keys
+        listed.update(split=split, page_rows=keys_per_block)
+    else:  # a listed shard is a block, and one read task
+        block_rows, rows_per_read = 1, 1
+        listing = list_training_shards
+        listed.update(source=shards)
+        read_kwargs.update(shards=shards, split=split)
     ds = ray.data.from_items([{"source": source}])
-    # One block per page of keys: Ray Data would otherwise merge a task's small rows into blocks
-    # of up to 128 MiB, and a block is what one read task decodes.
-    ds.context.target_max_block_size = keys_per_block * storage.KEY_ROW_BYTES
-    ds = ds.map_batches(
-        list_training_keys,
-        batch_size=1,
-        num_cpus=0.25,  # it mostly waits on listing calls
-        fn_kwargs={
-            "split": split,
-            "copies": copies,
-            "page_rows": keys_per_block,
-            "endpoint_url": endpoint_url,
-            "seed": seed,
-            "epochs": epochs,
-        },
-    )
+    ds.context.target_max_block_size = block_rows * storage.KEY_ROW_BYTES
+    # The listing mostly waits on listing calls: a quarter of a CPU.
+    ds = ds.map_batches(listing, batch_size=1, num_cpus=0.25, fn_kwargs=listed)
     if resident:
         return ds.map_batches(
-            scaled_images,
-            fn_kwargs={"image_size": image_size, "endpoint_url": endpoint_url},
-            batch_size=16,
-            num_cpus=num_cpus,
+            scaled_images, fn_kwargs=read_kwargs, batch_size=rows_per_read, num_cpus=num_cpus
         )
-    # Fractional CPUs: with Ray's default of one, the shuffle's tasks wait forever on a machine
-    # whose training workers hold all but a fraction of its CPUs (so no ``sort``: its tasks take a
-    # whole CPU each). Seeded: the same permutation of its input every execution; the listing's
-    # epoch order is what changes from one epoch to the next.
-    return ds.random_shuffle(seed=seed, num_cpus=min(0.25, num_cpus)).map_batches(
-        crop_images,
-        fn_kwargs={"image_size": image_size, "random": True, "endpoint_url": endpoint_url},
-        batch_size=16,
-        num_cpus=num_cpus,
+    if shards is None:
+        # Fractional CPUs: with Ray's default of one, the shuffle's tasks wait forever on a machine
+        # whose training workers hold all but a fraction of its CPUs (so no ``sort``: its tasks
+        # take a whole CPU each). Seeded: the same permutation of its input every execution; the
+        # listing's epoch order is what changes from one epoch to the next.
+        ds = ds.random_shuffle(seed=seed, num_cpus=min(0.25, num_cpus))
+    return ds.map_batches(
+        crop_images, fn_kwargs={**read_kwargs, "random": True}, batch_size=rows_per_read, num_cpus=num_cpus
     )
 
 
