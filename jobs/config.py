@@ -252,7 +252,9 @@ class BatchInferenceConfig:
         "default",
     )
     masks: str | None = flag(
-        "prefix of hole masks at the images' relative keys (or with a .png suffix), white = hole; "
+        "prefix of hole masks at the images' relative keys (or with a .png suffix), white = hole; with "
+        "shards, a prefix of mask shards of the same names and keys (a tar's {key}.mask.png or {key}.png "
+        "members, a Parquet file's --mask-column), used instead of the samples' own mask members; "
         "none: generate masks",
         None,
     )
@@ -477,15 +479,6 @@ class InpaintConfig(BatchInferenceConfig):
     @property
     def manifest_uri(self) -> str:
         return self.manifest or f"{self.output.rstrip('/')}/_manifest"
-
-    def problems(self) -> list[str]:
-        problems = super().problems()
-        if self.sharded and self.masks:
-            problems.append(
-                "--masks is for one object per image; a shard's masks are its samples' {key}.mask.png members "
-                "(webdataset) or its --mask-column (parquet)"
-            )
-        return problems
 
     @property
     def sharded(self) -> bool:

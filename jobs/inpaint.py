@@ -109,7 +109,8 @@ def build_shard_dataset(config: InpaintConfig, run_id: str, index_ref):
     from pipeline.shard_writer import ShardWriteOptions, write_shard
 
     ds = listing_stage(
-        config, exclude=(config.output, config.manifest_uri), output_format=None, run_id=run_id,
+        config, exclude=(config.output, config.manifest_uri, *([config.masks] if config.masks else [])),
+        output_format=None, run_id=run_id,
         index_ref=index_ref, layout=config.input_format,
     )  # fmt: skip
     options = ShardOptions(

@@ -70,8 +70,8 @@ def pixels(raw, height: int, width: int, channels: int = 3) -> np.ndarray:
 @dataclass(frozen=True)
 class ShardOptions:
     layout: str  # webdataset / parquet
-    # Decode limits, generated masks (masks of a shard come from its members); training, which
-    # only takes the samples' bytes (shard_samples), has none.
+    # Decode limits, generated masks (a shard's masks come from its members, or from its mask
+    # shard under --masks); training, which only takes the samples' bytes (shard_samples), has none.
     read: ReadOptions | None = None
     image_column: str | None = None  # Parquet: default the first of parquet_shard.IMAGE_COLUMNS
     key_column: str = parquet_shard.KEY_COLUMN
@@ -155,6 +155,64 @@ def shard_samples(data: bytes, options: ShardOptions) -> tuple[list[Sample], tup
     return _parquet_samples(data, options), None
 
 
+def _mask_members(data: bytes, options: ShardOptions) -> dict[str, tuple[str, bytes]]:
+    """``key -> (member or column, PNG bytes)`` of a mask shard: a tar's ``{key}.mask.png`` member
+    (else its image member: ``{key}.png``), a Parquet file's ``--mask-column`` (else its image
+    column). Raises ``RowError`` when the mask shard cannot be read as one."""
+    found: dict[str, tuple[str, bytes]] = {}
+    if options.layout == "webdataset":
+        for item in tar_shard.read_tar(data).items:  # a damaged tar: its complete members count
+            if isinstance(item, tar_shard.TarSample) and item.error is None:
+                member = tar_shard.mask_member(item)
+                if member is None:
+                    try:
+                        member = tar_shard.image_member(item, options.image_ext)
+                    except ValueError:
+                        continue
+                found[item.key] = (member.name, member.data)
+        return found
+    try:
+        table = parquet_shard.read_parquet(data)
+        column = (
+            options.mask_column
+            if options.mask_column in table.schema.names
+            else parquet_shard.image_column(table.schema, options.image_column)
+        )
+        keys = table.column(parquet_shard.key_column(table.schema, options.key_column)).to_pylist()
+    except (pa.ArrowException, OSError, parquet_shard.ShardLayoutError) as e:
+        raise RowError("mask_shard_unreadable", f"{e}") from None
+    for key, mask in zip(keys, table.column(column).to_pylist(), strict=True):
+        if key is not None and mask is not None:
+            found[str(key)] = (column, mask)
+    return found
+
+
+def _masks_from_mask_shard(samples: list[Sample], shard: str, options: ShardOptions) -> None:
+    """``--masks`` with shards: every sample's hole from the mask shard of the same name under
+    ``--masks`` (``_mask_members``), in place of a mask member of its own; a sample it has none for,
+    or whose mask shard is missing or unreadable, is a ``mask_missing`` / ``mask_shard_unreadable``
+    error, as a file without its mask file is. A failure to read it is the shard's I/O failure."""
+    fs, root = storage.filesystem(options.read.masks, options.read.endpoint_url)
+    where = f"{shard!r} under --masks"
+    try:
+        data = storage.with_retries(lambda: storage.read_bytes(fs, storage.join_key(root, shard)))
+        found, error = _mask_members(data, options), None
+    except FileNotFoundError:
+        found, error = {}, ("mask_missing", f"no mask shard {where}")
+    except RowError as e:
+        found, error = {}, (e.kind, f"mask shard {where}: {e}")
+    except Exception as e:
+        raise RowError("read_failed", f"mask shard {where}: {type(e).__name__}: {e}") from None
+    for sample in samples:
+        if sample.error is not None:
+            continue
+        if sample.key in found:
+            name, sample.mask = found[sample.key]
+            sample.mask_name = f"{shard}/{name}" if options.layout == "webdataset" else f"{shard}:{name}"
+        else:
+            sample.error = error or ("mask_missing", f"no mask for {sample.key!r} in the mask shard {where}")
+
+
 def _decode(samples: list[Sample], options: ShardOptions) -> pa.Table:
     columns: dict[str, list] = {f.name: [] for f in SAMPLE_SCHEMA}
     for sample in samples:
@@ -209,6 +267,8 @@ def read_shard(batch: dict[str, np.ndarray], *, options: ShardOptions) -> dict[s
                 raise RowError("read_failed", f"{type(e).__name__}: {e}") from None
             read_s = time.perf_counter() - start
             samples, damage = shard_samples(data, options)
+            if options.read is not None and options.read.masks:
+                _masks_from_mask_shard(samples, shard, options)
             table = _decode(samples, options)
             if len(table):
                 # The shard's GET, shared by its samples.

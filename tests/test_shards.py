@@ -352,3 +352,68 @@ def test_killed_driver_redoes_at_most_the_shards_in_flight(ray_local, tmp_path, 
     )
     assert written == expected  # each sample exactly once in the outputs
     assert not list(output.glob(".glcic-tmp-*"))
+
+
+def test_masks_come_from_mask_shards_of_the_same_names(ray_local, tmp_path, photos, tiny_checkpoint):
+    """--masks with shards: each sample's hole from the mask shard of its shard's name (a tar's
+    {key}.mask.png or {key}.png member; a Parquet file's mask column), over the sample's own mask
+    member; a sample without one, or a shard without a mask shard, gets mask_missing rows."""
+    import webdataset as wds
+
+    images, masks, out = tmp_path / "in", tmp_path / "masks", tmp_path / "out"
+    images.mkdir(), masks.mkdir()
+    pictures = [crop(photos[i], 40, 56, at=4 * i) for i in range(3)]
+    holes = [np.zeros((40, 56), np.uint8) for _ in range(2)]
+    holes[0][4:20, 6:30], holes[1][18:36, 20:50] = 1, 1
+    for shard in range(2):
+        with wds.TarWriter(str(images / f"{shard:05d}.tar")) as writer:
+            for i, picture in enumerate(pictures):
+                sample = {"__key__": f"{shard}{i:03d}", "png": encode(picture, "PNG"), "json": b"{}"}
+                if i == 0:  # its own mask member, which --masks overrides
+                    sample["mask.png"] = encode(rect_mask(40, 56) * 255, "PNG")
+                writer.write(sample)
+    with wds.TarWriter(str(masks / "00000.tar")) as writer:  # no mask shard for 00001.tar
+        writer.write({"__key__": "0000", "mask.png": encode(holes[0] * 255, "PNG")})
+        writer.write({"__key__": "0001", "png": encode(holes[1] * 255, "PNG")})  # none for 0002
+    config = InpaintConfig(
+        images=str(images), output=str(out), masks=str(masks), checkpoint=tiny_checkpoint, max_side=0,
+        output_format="png",
+    )  # fmt: skip
+    summary = run(config)
+    rows = {(r["shard"], r["input_key"]): r for r in read_manifest(str(out / "_manifest")).to_pylist()}
+    assert {k: (r["status"], r["error_type"]) for k, r in rows.items()} == {
+        ("00000.tar", "0000"): ("ok", None),
+        ("00000.tar", "0001"): ("ok", None),
+        ("00000.tar", "0002"): ("error", "mask_missing"),
+        **{("00001.tar", f"1{i:03d}"): ("error", "mask_missing") for i in range(3)},
+    }
+    assert summary["counts"] == {"ok": 2, "error": 4, "skipped": 0}
+    assert rows[("00000.tar", "0000")]["mask_key"] == "00000.tar/0000.mask.png"
+    assert rows[("00000.tar", "0001")]["mask_key"] == "00000.tar/0001.png"
+    outputs = list(wds.WebDataset(str(out / "00000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in outputs] == ["0000", "0001"]
+    for sample, picture, hole in zip(outputs, pictures, holes, strict=False):
+        completed = decode_image(sample["png"])
+        assert_known_pixels_kept(completed, picture, hole, exact=True)
+        assert rows[("00000.tar", sample["__key__"])]["hole_fraction"] == pytest.approx(hole.mean(), abs=1e-6)
+        assert not np.array_equal(completed[hole == 1], picture[hole == 1])  # this hole was filled
+
+    # Parquet: the mask shard's mask column, by key.
+    pq_images, pq_masks, pq_out = tmp_path / "pq", tmp_path / "pq-masks", tmp_path / "pq-out"
+    pq_images.mkdir(), pq_masks.mkdir()
+    table, _ = img2dataset_table(photos, 0)
+    pq.write_table(table, pq_images / "00000.parquet")
+    keys = table.column("key").to_pylist()
+    hole = np.zeros((40, 48), np.uint8)
+    hole[8:24, 10:30] = 1
+    pq.write_table(
+        pa.table({"key": keys[:2], "mask": pa.array([encode(hole * 255, "PNG")] * 2, pa.binary())}),
+        pq_masks / "00000.parquet",
+    )
+    run(InpaintConfig(images=str(pq_images), output=str(pq_out), masks=str(pq_masks), checkpoint=tiny_checkpoint,
+                      max_side=0))  # fmt: skip
+    pq_rows = {r["input_key"]: r for r in read_manifest(str(pq_out / "_manifest")).to_pylist()}
+    assert [pq_rows[k]["status"] for k in keys[:2]] == ["ok", "ok"]
+    assert {pq_rows[k]["mask_key"] for k in keys[:2]} == {"00000.parquet:mask"}
+    assert pq_rows[keys[2]]["error_type"] == "mask_missing"
+    assert pq_rows[keys[0]]["hole_fraction"] == pytest.approx(hole.mean(), abs=1e-6)
