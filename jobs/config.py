@@ -447,6 +447,13 @@ class InpaintConfig(BatchInferenceConfig):
         "says so in known_pixels_exact)",
         "auto",
     )
+    output_layout: Literal["same", "files", "webdataset", "parquet"] = flag(
+        "shards: what --output holds; same: one output shard per input shard, of its layout and name; "
+        "webdataset / parquet: the same, converted (00000.parquet -> 00000.tar: members {key}.{field}, or "
+        "a key column and a binary column per field; a Parquet row's other columns travel as one json "
+        "field); files: {shard stem}/{key}.{field} objects, as img2dataset's files layout",
+        "same",
+    )
     image_column: str | None = flag(
         "parquet: the column of image bytes (default: the first of jpg, png, webp, image present)", None
     )
@@ -480,6 +487,14 @@ class InpaintConfig(BatchInferenceConfig):
     def manifest_uri(self) -> str:
         return self.manifest or f"{self.output.rstrip('/')}/_manifest"
 
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.input_format == "files" and self.output_layout not in ("same", "files"):
+            problems.append(
+                f"--output-layout {self.output_layout} converts shards; --input-format files has none"
+            )
+        return problems
+
     @property
     def sharded(self) -> bool:
         return self.input_format in ("webdataset", "parquet")
@@ -490,7 +505,15 @@ class InpaintConfig(BatchInferenceConfig):
         output_format = self.output_format
         if output_format == "auto":
             output_format = "png" if layout == "files" else "same"
-        return dataclasses.replace(self, input_format=layout, output_format=output_format)
+        output_layout = layout if self.output_layout == "same" else self.output_layout
+        if layout == "files" and output_layout != "files":
+            raise ValueError(
+                f"--output-layout {output_layout} converts shards; --images holds one object per image "
+                "(packing files into shards is not built: write them with img2dataset or webdataset.ShardWriter)"
+            )
+        return dataclasses.replace(
+            self, input_format=layout, output_format=output_format, output_layout=output_layout
+        )
 
     def written_prefixes(self) -> dict[str, str]:
         return {"--output": self.output, **({"--manifest": self.manifest} if self.manifest else {})}

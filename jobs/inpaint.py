@@ -140,6 +140,8 @@ def build_shard_dataset(config: InpaintConfig, run_id: str, index_ref):
         run_id=run_id,
         image_ext=config.image_ext,
         mask_column=config.mask_column,
+        key_column=config.key_column,
+        output_layout=config.output_layout,
     )
     return ds.map_batches(
         write_shard, batch_size=1, num_cpus=config.num_cpus_per_task, fn_kwargs={"options": write_options}
@@ -159,6 +161,7 @@ def resume(config: InpaintConfig, checkpoint_id: str):
         redo_other_checkpoint=config.redo_other_checkpoint,
         verify_output=config.output if config.verify_outputs else None,
         exclude=(config.manifest_uri,),
+        layouts=(config.input_format, config.output_layout),
     )
     index = shard_resume_index if config.sharded else resume_index
     report_ref, index_ref = ray.remote(num_cpus=0.25, num_returns=2)(index).remote(

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.manifest import RUN_CONFIG_FILE, STATUS_OK, part_paths, read_part, run_dirs, run_id_of
 from pipeline.naming import contains, key_digests
+from pipeline.shard_layout import completion_marker
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 RESUME_SETTINGS = (
     "images", "output", "output_format", "masks", "mask_generator", "mask_seed", "local_size", "hole_min",
     "hole_max", "postprocess", "max_side", "write_masks", "input_format", "image_column", "key_column",
-    "mask_column", "image_ext",
+    "mask_column", "image_ext", "output_layout",
 )  # fmt: skip
 # What a _config.json written before a setting existed meant by leaving it out.
 _SETTING_DEFAULTS = {"input_format": "files", "key_column": "key", "mask_column": "mask"}
@@ -59,6 +60,8 @@ def resume_settings(config: dict) -> dict:
             protocol, parts = storage.location(storage.redact(value))
             value = "/".join((protocol + ":", *parts))
         values[name] = value
+    if values["output_layout"] is None:  # before --output-layout, every output mirrored its input
+        values["output_layout"] = values["input_format"]
     return values
 
 
@@ -69,6 +72,8 @@ class ResumeRule:
     redo_other_checkpoint: bool = False
     verify_output: str | None = None  # the output prefix to list, or None: trust the rows
     exclude: tuple[str, ...] = ()  # URIs under the output that are not outputs (the manifest)
+    # Sharded runs: (input layout, output layout), which name the object that says a shard is done.
+    layouts: tuple[str, str] | None = None
 
 
 @dataclass
@@ -289,7 +294,11 @@ def shard_resume_index(
         if not in_same:
             other_settings.update(digests.tolist())
             continue
-        present = contains(existing, digests) if existing is not None else np.ones(len(names), bool)
+        if existing is not None:
+            layouts = rule.layouts or ("", "")
+            present = contains(existing, key_digests(completion_marker(n, *layouts) for n in names))
+        else:
+            present = np.ones(len(names), bool)
         for digest, count, was_retry, is_foreign, here in zip(
             digests.tolist(), rows, retried, foreign, present.tolist(), strict=True
         ):

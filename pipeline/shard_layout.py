@@ -80,7 +80,28 @@ def shard_entries(
                 yield storage.relative_key(root, path), storage.full_uri(fs, path)
 
 
+def shard_stem(shard_key: str) -> str:
+    """A shard's key without its extension: ``sub/00000.tar`` -> ``sub/00000``."""
+    return shard_key.rsplit(".", 1)[0] if "." in posixpath.basename(shard_key) else shard_key
+
+
 def stats_key(shard_key: str) -> str:
     """img2dataset's name for a shard's statistics: ``00000.tar`` -> ``00000_stats.json``."""
-    stem = shard_key.rsplit(".", 1)[0] if "." in posixpath.basename(shard_key) else shard_key
-    return stem + STATS_SUFFIX
+    return shard_stem(shard_key) + STATS_SUFFIX
+
+
+def output_shard_key(shard_key: str, input_layout: str, output_layout: str) -> str | None:
+    """The key of an input shard's output shard under ``--output``: the same name when the layout
+    is kept, the same stem with the other layout's suffix when converted (``00000.tar`` ->
+    ``00000.parquet``); None for ``files``, whose output is a folder ``{stem}/``."""
+    if output_layout == input_layout:
+        return shard_key
+    if output_layout == "files":
+        return None
+    return shard_stem(shard_key) + SHARD_SUFFIXES[output_layout]
+
+
+def completion_marker(shard_key: str, input_layout: str, output_layout: str) -> str:
+    """The object whose presence says an input shard's output is whole (what a resume checks):
+    the output shard, or for ``files`` its ``{stem}_stats.json``, written after every file."""
+    return output_shard_key(shard_key, input_layout, output_layout) or stats_key(shard_key)

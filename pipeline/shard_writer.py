@@ -25,12 +25,12 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from pipeline import layout_convert, parquet_shard, storage, tar_shard
 from pipeline import manifest as manifest_lib
-from pipeline import parquet_shard, storage, tar_shard
 from pipeline.manifest import STATUS_ERROR, STATUS_OK
 from pipeline.metrics import RowTally
 from pipeline.shard_data import pack, pixels, unpack
-from pipeline.shard_layout import stats_key
+from pipeline.shard_layout import output_shard_key, stats_key
 from pipeline.writer import LOSSLESS_ENCODERS, encode, postprocessed
 
 EXTENSION_ENCODERS = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}
@@ -50,6 +50,12 @@ class ShardWriteOptions:
     run_id: str = ""
     image_ext: str | None = None  # what the read stage used, to find the same members again
     mask_column: str = parquet_shard.MASK_COLUMN
+    key_column: str = parquet_shard.KEY_COLUMN
+    output_layout: str = ""  # --output-layout: files / webdataset / parquet; "": the input's
+
+    @property
+    def converting(self) -> bool:
+        return bool(self.output_layout) and self.output_layout != self.layout
 
 
 def sniffed_encoder(data: bytes | None) -> str:
@@ -90,10 +96,33 @@ def _mask_png(row: dict) -> bytes:
     return encode(pixels(row["mask"], row["height"], row["width"], channels=1) * 255, "png")
 
 
-def _encode_all(samples: list[dict], options: ShardWriteOptions, source_encoders: dict[int, str]) -> dict:
+def _name_converted(row: dict, encoder: str, shard: str, options: ShardWriteOptions) -> None:
+    """``--output-layout`` other than the input's: the image's field in the input and in the output
+    (``layout_convert``), and where the manifest says it went."""
+    if options.layout == "webdataset":
+        row["source_field"] = tar_shard.key_and_extension(row["member"])[1]
+        row["image_field"] = tar_shard.key_and_extension(row["output_member"])[1]
+    else:
+        row["source_field"] = row["member"]
+        named = EXTENSION_ENCODERS.get(row["member"].lower()) == encoder
+        row["image_field"] = row["member"] if named else FORMAT_EXTENSIONS[encoder]
+    if options.output_layout == "webdataset":
+        row["output_member"] = f"{row['key']}.{row['image_field']}"
+    elif options.output_layout == "parquet":
+        row["output_member"] = row["image_field"]
+    else:
+        row["output_member"] = ""
+        row["output_key"] = layout_convert.file_key(shard, row["key"], row["image_field"])
+        if options.write_masks:
+            row["mask_output_key"] = layout_convert.file_key(shard, row["key"], layout_convert.MASK_FIELD)
+
+
+def _encode_all(
+    samples: list[dict], options: ShardWriteOptions, source_encoders: dict[int, str], shard: str
+) -> dict:
     """Each ok sample's output bytes (``row["out"]``), or the row turned into a write error."""
     for row in samples:
-        row.update(out=None, exact=False, write_s=0.0, output_member="")
+        row.update(out=None, exact=False, write_s=0.0, output_member="", output_key="", mask_output_key="")
         if row["status"] != STATUS_OK:
             continue
         start = time.perf_counter()
@@ -107,8 +136,12 @@ def _encode_all(samples: list[dict], options: ShardWriteOptions, source_encoders
                     if options.output_format == "same"
                     else options.output_format
                 )
+            if options.converting:
+                _name_converted(row, encoder, shard, options)
             row["out"], row["exact"] = _encode_sample(row, encoder, options.postprocess)
             row["encoder"] = encoder
+        except storage.UnsafeKeyError as e:
+            row.update(status=STATUS_ERROR, error_type="unsafe_key", error_message=str(e))
         except Exception as e:
             row.update(
                 status=STATUS_ERROR, error_type="write_failed", error_message=f"{type(e).__name__}: {e}"
@@ -197,7 +230,73 @@ def _stats(samples: list[dict], started: float) -> bytes:
     ).encode()
 
 
-def _manifest_rows(shard: str, shard_uri: str, samples: list[dict], output_uri: str, options) -> pa.Table:
+def _upload_shard(fs, path: str, build) -> str:
+    """``build(local path)`` a shard in a local spill file, upload it whole; its full URI."""
+    with tempfile.TemporaryDirectory(prefix="glcic-shard-") as spill:
+        local = os.path.join(spill, "shard")
+        build(local)
+        storage.with_retries(lambda: storage.atomic_put_file(fs, local, path))
+    return storage.full_uri(fs, path)
+
+
+def _write_stats(fs, root: str, shard_key: str, samples: list[dict], started: float) -> None:
+    stats, path = _stats(samples, started), storage.join_key(root, stats_key(shard_key))
+    storage.with_retries(lambda: storage.atomic_write_bytes(fs, path, stats))
+
+
+def _committed(done: dict[int, dict], key: str, uri: str) -> None:
+    for row in done.values():
+        if row["status"] == STATUS_OK:
+            row["output_key"], row["output_uri"] = key, uri
+
+
+def _write_mirrored(fs, root, shard, source, table, done, samples, options, started) -> None:
+    """The output shard in the input's layout, under the input's name."""
+    if options.layout == "webdataset":
+        build = lambda local: _build_tar(local, source, done, options)  # noqa: E731
+    else:
+        build = lambda local: _build_parquet(local, table, done, samples, options)  # noqa: E731
+    uri = _upload_shard(fs, storage.join_key(root, shard), build)
+    _write_stats(fs, root, shard, samples, started)
+    _committed(done, shard, uri)
+
+
+def _write_converted(fs, root, shard, source, table, done, samples, options, started) -> None:
+    """``--output-layout`` other than the input's (``pipeline/layout_convert.py``)."""
+    if options.layout == "webdataset":
+        fields = layout_convert.tar_fields(source)
+    else:
+        fields = layout_convert.parquet_fields(table, options.key_column, options.mask_column)
+    completed = [
+        (
+            row,
+            layout_convert.completed_fields(
+                fields[index], row, _mask_png(row) if options.write_masks else None
+            ),
+        )
+        for index, row in sorted(done.items())
+    ]
+    for row in done.values():
+        row.pop("out", None)  # the encoded bytes now live in ``completed`` only
+    if options.output_layout == "files":
+        layout_convert.write_files(fs, root, shard, completed)
+        _write_stats(fs, root, shard, samples, started)  # last: the folder's completion marker
+        for row in done.values():
+            if row["status"] == STATUS_OK:
+                row["output_uri"] = storage.full_uri(fs, storage.join_key(root, row["output_key"]))
+        return
+    key = output_shard_key(shard, options.layout, options.output_layout)
+    keyed = [(row["key"], row_fields) for row, row_fields in completed]
+    if options.output_layout == "webdataset":
+        build = lambda local: layout_convert.build_tar(local, keyed)  # noqa: E731
+    else:
+        build = lambda local: layout_convert.build_parquet(local, keyed, options.mask_column)  # noqa: E731
+    uri = _upload_shard(fs, storage.join_key(root, key), build)
+    _write_stats(fs, root, key, samples, started)
+    _committed(done, key, uri)
+
+
+def _manifest_rows(shard: str, shard_uri: str, samples: list[dict], options) -> pa.Table:
     n = len(samples)
 
     def col(name, default=""):
@@ -213,9 +312,9 @@ def _manifest_rows(shard: str, shard_uri: str, samples: list[dict], output_uri: 
         "mask_key": col("mask_key"),
         "mask_generator": [options.mask_generator if not r["mask_key"] else "" for r in samples],
         "mask_seed": [options.mask_seed] * n,
-        "output_key": [shard if k else "" for k in ok],
-        "output_uri": [output_uri if k else "" for k in ok],
-        "mask_output_key": [""] * n,
+        "output_key": [r["output_key"] if k else "" for r, k in zip(samples, ok, strict=True)],
+        "output_uri": [r["output_uri"] if k else "" for r, k in zip(samples, ok, strict=True)],
+        "mask_output_key": [r["mask_output_key"] if k else "" for r, k in zip(samples, ok, strict=True)],
         "width": col("width", 0),
         "height": col("height", 0),
         "hole_fraction": col("hole_fraction", float("nan")),
@@ -246,7 +345,6 @@ def write_shard(batch: dict[str, np.ndarray], *, options: ShardWriteOptions) -> 
         started = time.time()
         shard, shard_uri, source = str(shard), str(shard_uri), bytes(source)
         samples = unpack(packed).to_pylist()
-        output_uri = ""
         readable = bool(source) and not any(r["error_type"] in ("not_a_tar", "not_parquet", "shard_layout")
                                             for r in samples if not r["key"])  # fmt: skip
         if readable:
@@ -255,23 +353,11 @@ def write_shard(batch: dict[str, np.ndarray], *, options: ShardWriteOptions) -> 
             if table is not None and options.output_format == "same" and samples:
                 column = table.column(samples[0]["member"]).to_pylist()
                 source_encoders = {i: sniffed_encoder(v) for i, v in enumerate(column)}
-            done = _encode_all(samples, options, source_encoders)
-            path = storage.join_key(root, shard)
+            done = _encode_all(samples, options, source_encoders, shard)
             start = time.perf_counter()
             try:
-                with tempfile.TemporaryDirectory(prefix="glcic-shard-") as spill:
-                    local = os.path.join(spill, "shard")
-                    if options.layout == "webdataset":
-                        _build_tar(local, source, done, options)
-                    else:
-                        _build_parquet(local, table, done, samples, options)
-                    storage.with_retries(
-                        lambda local=local, path=path: storage.atomic_put_file(fs, local, path)
-                    )
-                stats = _stats(samples, started)
-                stats_path = storage.join_key(root, stats_key(shard))
-                storage.with_retries(lambda p=stats_path, d=stats: storage.atomic_write_bytes(fs, p, d))
-                output_uri = storage.full_uri(fs, path)
+                write = _write_converted if options.converting else _write_mirrored
+                write(fs, root, shard, source, table, done, samples, options, started)
             except Exception as e:
                 for row in done.values():
                     row.update(status=STATUS_ERROR, error_type="write_failed",
@@ -280,7 +366,8 @@ def write_shard(batch: dict[str, np.ndarray], *, options: ShardWriteOptions) -> 
             for row in done.values():
                 row["write_s"] += share
         for row in samples:
-            row.setdefault("output_member", "")
+            for name in ("output_member", "output_key", "output_uri", "mask_output_key"):
+                row.setdefault(name, "")
             row.setdefault("exact", False)
             row.setdefault("write_s", 0.0)
             row.pop("completed", None)
@@ -288,7 +375,7 @@ def write_shard(batch: dict[str, np.ndarray], *, options: ShardWriteOptions) -> 
             tally.row(row_stages(row), 0, row["status"], row["error_type"], float(row["write_s"]))
         tally.push()
         out["shard"].append(shard)
-        out["manifest_table"].append(pack(_manifest_rows(shard, shard_uri, samples, output_uri, options)))
+        out["manifest_table"].append(pack(_manifest_rows(shard, shard_uri, samples, options)))
     return out
 
 

@@ -5,9 +5,11 @@ with the ``webdataset`` library, pyarrow and DuckDB; on local disk and on the su
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import posixpath
 import tarfile
 
 import numpy as np
@@ -417,3 +419,149 @@ def test_masks_come_from_mask_shards_of_the_same_names(ray_local, tmp_path, phot
     assert {pq_rows[k]["mask_key"] for k in keys[:2]} == {"00000.parquet:mask"}
     assert pq_rows[keys[2]]["error_type"] == "mask_missing"
     assert pq_rows[keys[0]]["hole_fraction"] == pytest.approx(hole.mean(), abs=1e-6)
+
+
+def test_tars_converted_to_parquet_then_resumed_by_output_shard(
+    ray_local, tmp_path, webdataset_inputs, tiny_checkpoint
+):
+    """--output-layout parquet: a Parquet file per tar, a key column and a binary column per member,
+    read back with DuckDB; failed samples left out; a rerun finds each shard's output by its new name."""
+    import duckdb
+
+    root, sources = webdataset_inputs
+    out = tmp_path / "out"
+    config = InpaintConfig(
+        images=str(root), output=str(out), checkpoint=tiny_checkpoint, max_side=0, output_layout="parquet",
+        write_masks=True,
+    )  # fmt: skip
+    summary = run(config)
+    assert summary["config"]["output_layout"] == "parquet"
+    assert summary["counts"] == {"ok": 7, "error": 4, "skipped": 0}
+    assert sorted(p.name for p in out.glob("*.parquet")) == [
+        "00000.parquet",
+        "00001.parquet",
+        "00002.parquet",
+    ]
+    assert not list(out.glob("*.tar"))
+    rows = {(r["shard"], r["input_key"]): r for r in read_manifest(str(out / "_manifest")).to_pylist()}
+    first = rows[("00000.tar", "000000000")]
+    assert (first["output_key"], first["output_member"]) == ("00000.parquet", "jpg")
+    assert first["output_uri"].endswith("out/00000.parquet")
+
+    got = duckdb.sql(
+        f"select key, jpg is not null, png is not null, decode(json), decode(txt), decode(cls), mask is not null "
+        f"from read_parquet('{out}/00000.parquet')"
+    ).fetchall()
+    assert got == [
+        ("000000000", True, False, '{"caption": "a"}', "a", None, True),
+        ("000000001", False, True, '{"caption": "b"}', None, None, True),
+        ("000000004", True, False, None, None, "7", True),
+    ]  # 000000002 (text) and 000000003 (empty) are left out with their members
+    table = pq.read_table(out / "00000.parquet")
+    columns = {name: table.column(name).to_pylist() for name in table.schema.names}
+    assert table.schema.names == ["key", "jpg", "json", "txt", "mask", "png", "cls"]  # first-seen order
+    png_out = decode_image(columns["png"][1])
+    assert_known_pixels_kept(png_out, sources["good_png"], rect_mask(40, 56), exact=True)
+    np.testing.assert_array_equal((decode_image(columns["mask"][1])[..., 0] >= 128), rect_mask(40, 56) == 1)
+    jpg_mask = (decode_image(columns["mask"][0])[..., 0] >= 128).astype(np.uint8)
+    np.testing.assert_array_equal(jpg_mask, the_mask(first))
+    assert_known_pixels_kept(decode_image(columns["jpg"][0]), sources["good_jpg"], jpg_mask, exact=False)
+    assert json.loads((out / "00000_stats.json").read_text())["successes"] == 3
+    cut = duckdb.sql(f"select key from read_parquet('{out}/00002.parquet')").fetchall()
+    assert cut == [("000020000",), ("000020001",)]
+
+    again = run(config)
+    assert again["counts"] == {"ok": 0, "error": 0, "skipped": 11}
+    os.remove(out / "00001.parquet")
+    redo = run(config)
+    assert redo["counts"] == {"ok": 2, "error": 1, "skipped": 8}
+    assert redo["resume"]["redo_output_missing"] == 1
+    # Another output layout is another output: nothing is skipped for it.
+    mirrored = run(dataclasses.replace(config, output_layout="same", write_masks=False))
+    assert mirrored["counts"]["skipped"] == 0 and (out / "00000.tar").exists()
+
+
+def test_parquet_converted_to_webdataset_read_by_the_webdataset_library(
+    ray_local, tmp_path, photos, tiny_checkpoint
+):
+    """img2dataset's Parquet -> --output-layout webdataset --output-format png: {key}.png members
+    whose known pixels are exact, the row's other columns as {key}.json, null images left out."""
+    import webdataset as wds
+
+    table, jpgs = img2dataset_table(photos, 0)
+    images = tmp_path / "in"
+    images.mkdir()
+    pq.write_table(table, images / "00000.parquet")
+    out = tmp_path / "out"
+    config = InpaintConfig(
+        images=str(images), output=str(out), checkpoint=tiny_checkpoint, max_side=0,
+        output_layout="webdataset", output_format="png",
+    )  # fmt: skip
+    summary = run(config)
+    assert summary["counts"] == {"ok": 3, "error": 2, "skipped": 0}
+    rows = {r["input_key"]: r for r in read_manifest(str(out / "_manifest")).to_pylist()}
+    assert rows["000000000"]["output_member"] == "000000000.png" and rows["000000000"]["known_pixels_exact"]
+    assert rows["000000000"]["output_key"] == "00000.tar"
+    assert rows["000000003"]["error_type"] == "null_image"
+    samples = list(wds.WebDataset(str(out / "00000.tar"), shardshuffle=False).decode("rgb8"))
+    assert [s["__key__"] for s in samples] == ["000000000", "000000001", "000000002"]
+    for sample in samples:
+        key = sample["__key__"]
+        assert set(sample) - {"__key__", "__url__", "__local_path__"} == {"png", "json"}
+        source = table.filter(pa.compute.equal(table.column("key"), key)).to_pylist()[0]
+        assert sample["json"] == {
+            k: v for k, v in source.items() if k not in ("key", "jpg") and v is not None
+        }
+        assert_known_pixels_kept(sample["png"], decode_image(jpgs[key]), the_mask(rows[key]), exact=True)
+    assert json.loads((out / "00000_stats.json").read_text())["count"] == 5
+
+
+def test_tars_on_s3_converted_to_files_never_escape_the_output(ray_local, s3_prefix, photos, tiny_checkpoint):
+    """--output-layout files on SeaweedFS: {stem}/{key}.{field} objects, the stats file as the
+    shard's completion marker for a resume, and a member key that would climb out of --output an
+    unsafe_key row that writes nothing."""
+    import webdataset as wds
+
+    fs, base = storage.filesystem(s3_prefix)
+    picture = crop(photos[0], 40, 48)
+    sink = io.BytesIO()
+    with wds.TarWriter(sink) as writer:
+        writer.write(
+            {"__key__": "sub/000000000", "jpg": encode(picture, "JPEG", quality=95), "txt": b"a cat"}
+        )
+        writer.write({"__key__": "000000001", "jpg": encode(crop(photos[1], 40, 48), "JPEG"), "json": b"{}"})
+    escape = tar_of([("../../escape.jpg", encode(crop(photos[2], 32, 32), "JPEG"))])
+    storage.atomic_write_bytes(fs, storage.join_key(base, "in/00000.tar"), sink.getvalue())
+    storage.atomic_write_bytes(fs, storage.join_key(base, "in/00001.tar"), escape)
+    config = InpaintConfig(
+        images=f"{s3_prefix}/in", output=f"{s3_prefix}/out/", checkpoint=tiny_checkpoint, max_side=0,
+        output_layout="files", write_masks=True,
+    )  # fmt: skip
+    summary = run(config)
+    assert summary["counts"] == {"ok": 2, "error": 1, "skipped": 0}
+    rows = {r["input_key"]: r for r in read_manifest(f"{s3_prefix}/out/_manifest").to_pylist()}
+    assert rows["../../escape"]["error_type"] == "unsafe_key" and not rows["../../escape"]["output_key"]
+    first = rows["sub/000000000"]
+    assert (first["output_key"], first["mask_output_key"]) == (
+        "00000/sub/000000000.jpg",
+        "00000/sub/000000000.mask.png",
+    )
+    found = sorted(
+        storage.relative_key(storage.join_key(base, "out"), p) for p in fs.find(storage.join_key(base, "out"))
+    )
+    outputs = [k for k in found if not k.startswith("_manifest/")]
+    assert outputs == [
+        "00000/000000001.jpg", "00000/000000001.json", "00000/000000001.mask.png",
+        "00000/sub/000000000.jpg", "00000/sub/000000000.mask.png", "00000/sub/000000000.txt",
+        "00000_stats.json", "00001_stats.json",
+    ]  # fmt: skip
+    assert not [p for p in fs.find(base) if posixpath.basename(p).startswith("escape")]
+    assert storage.read_bytes(fs, storage.join_key(base, "out/00000/sub/000000000.txt")) == b"a cat"
+    out = decode_image(storage.read_bytes(fs, storage.join_key(base, "out/00000/sub/000000000.jpg")))
+    assert_known_pixels_kept(
+        out, decode_image(encode(picture, "JPEG", quality=95)), the_mask(first), exact=False
+    )
+
+    assert run(config)["counts"] == {"ok": 0, "error": 0, "skipped": 3}
+    fs.rm(storage.join_key(base, "out/00000_stats.json"))  # the marker gone: the shard is redone
+    assert run(config)["counts"] == {"ok": 2, "error": 0, "skipped": 1}
