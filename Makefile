@@ -15,6 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,export]'
 	touch $(STAMP)
 
+# img2dataset itself writes the inputs of tests/test_img2dataset.py. In a virtualenv of its own: it
+# pins albumentations, wandb and others this project does not need, and runs as its command.
+IMG2DATASET_VENV := .venv-img2dataset
+$(IMG2DATASET_VENV)/.installed:
+	$(PYTHON) -m venv $(IMG2DATASET_VENV)
+	$(IMG2DATASET_VENV)/bin/pip install -q img2dataset==1.47.0
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/python -m embedded.demo
 
@@ -36,8 +44,8 @@ prometheus:
 	    echo "make: prometheus is missing; install it (sudo apt-get install -y prometheus) or run make as root" >&2; exit 1; \
 	  fi; }
 
-test: $(STAMP) lint prometheus
-	GLCIC_REQUIRE_PROMETHEUS=1 $(BIN)/python -m pytest -q
+test: $(STAMP) lint prometheus $(IMG2DATASET_VENV)/.installed
+	GLCIC_REQUIRE_PROMETHEUS=1 GLCIC_REQUIRE_IMG2DATASET=1 $(BIN)/python -m pytest -q
 
 # Minutes each on 2 CPUs; figures in bench_out/*.json, tables and machine in BENCHMARKS.md.
 bench: $(STAMP)
@@ -51,4 +59,4 @@ eval-grid: $(STAMP)
 	$(BIN)/python bench/eval_grid.py --photos $(PHOTOS)
 
 clean:
-	rm -rf $(VENV) demo_out bench_out
+	rm -rf $(VENV) $(IMG2DATASET_VENV) demo_out bench_out
