@@ -9,7 +9,7 @@ Parquet files, completed by the same job on local disk and on a local S3 server,
 For each store (a local folder; SeaweedFS over HTTP on 127.0.0.1, whose own metrics count every
 request any process made) and each layout (files: 1,000 keys a folder; webdataset: tars of
 ``--shard-size`` samples, written by the ``webdataset`` library; parquet: img2dataset's columns),
-the script measures:
+the script measures (``packed``: files in, packed into tars by ``--output-layout webdataset``):
 
 - listing: the job's own listing code run to the end in this process (seconds, requests);
 - the first run (``jobs.inpaint.run``, a tiny random network and no post-processing, so the
@@ -35,7 +35,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench import common
 
-LAYOUTS = ("files", "webdataset", "parquet")
+# packed: files in, tars out (--output-layout webdataset): one GET an image still, a PUT a shard.
+LAYOUTS = ("files", "webdataset", "parquet", "packed")
 
 
 def parse_args(argv: list[str] | None):
@@ -104,6 +105,9 @@ def write_inputs(fs, root: str, layout: str, count: int, size: int, shard_size: 
         flush(index)
 
 
+READ_STAGES = ("read_decode", "read_shard", "read_pack")
+
+
 def listing(source: str, layout: str) -> tuple[float, int]:
     """Seconds and entries of the job's own listing, run to the end here."""
     from pipeline.listing import list_images
@@ -126,20 +130,22 @@ def one_case(store: str, layout: str, count: int, args, work: Path, server, chec
     else:
         fs = fsspec.filesystem("file")
         root = base = str(work / f"{layout}-{count}")
+    source_layout = "files" if layout == "packed" else layout
     started = time.perf_counter()
-    write_inputs(fs, f"{root}/in", layout, count, args.size, args.shard_size)
+    write_inputs(fs, f"{root}/in", source_layout, count, args.size, args.shard_size)
     prepared_s = time.perf_counter() - started
 
     def requests() -> int:
         return sum(server.request_counts().values()) if store == "s3" else 0
 
     before = requests()
-    listing_s, entries = listing(f"{base}/in", layout)
+    listing_s, entries = listing(f"{base}/in", source_layout)
     listing_requests = requests() - before
     config = InpaintConfig(
         images=f"{base}/in", output=f"{base}/out", checkpoint=checkpoint, postprocess=False, num_actors=1,
         log_every_s=60.0, max_side=0,
         output_format="same",  # JPEG in, JPEG out for every layout: the same encoding work
+        output_layout="webdataset" if layout == "packed" else "same", shard_size=args.shard_size,
     )  # fmt: skip
     before = requests()
     with common.PeakRSS() as rss:
@@ -152,7 +158,7 @@ def one_case(store: str, layout: str, count: int, args, work: Path, server, chec
         raise RuntimeError(
             f"{store}/{layout}: first {first['counts']}, rerun {rerun['counts']} for {count} images"
         )
-    read_op = next((n for n in first["ray_data_blocks"] if "read_decode" in n or "read_shard" in n), None)
+    read_op = next((n for n in first["ray_data_blocks"] if any(s in n for s in READ_STAGES)), None)
     return {
         "store": store,
         "layout": layout,
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
             by = {c["layout"]: c for c in cases if c["store"] == store and c["images"] == args.images}
             if "files" not in by:
                 continue
-            for layout in ("webdataset", "parquet"):
+            for layout in ("webdataset", "parquet", "packed"):
                 if layout not in by:
                     continue
                 f, s = by["files"], by[layout]

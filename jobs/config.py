@@ -451,8 +451,13 @@ class InpaintConfig(BatchInferenceConfig):
         "shards: what --output holds; same: one output shard per input shard, of its layout and name; "
         "webdataset / parquet: the same, converted (00000.parquet -> 00000.tar: members {key}.{field}, or "
         "a key column and a binary column per field; a Parquet row's other columns travel as one json "
-        "field); files: {shard stem}/{key}.{field} objects, as img2dataset's files layout",
+        "field); files: {shard stem}/{key}.{field} objects, as img2dataset's files layout. With files in, "
+        "webdataset / parquet packs them: --shard-size images per shard in listing order, 00000.tar, ...",
         "same",
+    )
+    shard_size: int = flag(
+        "packing files into shards (files in, --output-layout webdataset / parquet): images per output shard",
+        1000,
     )
     image_column: str | None = flag(
         "parquet: the column of image bytes (default: the first of jpg, png, webp, image present)", None
@@ -489,15 +494,19 @@ class InpaintConfig(BatchInferenceConfig):
 
     def problems(self) -> list[str]:
         problems = super().problems()
-        if self.input_format == "files" and self.output_layout not in ("same", "files"):
-            problems.append(
-                f"--output-layout {self.output_layout} converts shards; --input-format files has none"
-            )
+        if self.shard_size < 1:
+            problems.append(f"--shard-size must be >= 1, got {self.shard_size}")
         return problems
 
     @property
+    def packing(self) -> bool:
+        """Files in, shards out: the listing groups the images into shards of ``shard_size``."""
+        return self.input_format == "files" and self.output_layout in ("webdataset", "parquet")
+
+    @property
     def sharded(self) -> bool:
-        return self.input_format in ("webdataset", "parquet")
+        """The run goes shard by shard: shards in, or files packed into shards."""
+        return self.input_format in ("webdataset", "parquet") or self.packing
 
     def resolved(self, layout: str) -> InpaintConfig:
         """This config with ``input_format`` the layout found and ``output_format`` decided: what
@@ -506,11 +515,6 @@ class InpaintConfig(BatchInferenceConfig):
         if output_format == "auto":
             output_format = "png" if layout == "files" else "same"
         output_layout = layout if self.output_layout == "same" else self.output_layout
-        if layout == "files" and output_layout != "files":
-            raise ValueError(
-                f"--output-layout {output_layout} converts shards; --images holds one object per image "
-                "(packing files into shards is not built: write them with img2dataset or webdataset.ShardWriter)"
-            )
         return dataclasses.replace(
             self, input_format=layout, output_format=output_format, output_layout=output_layout
         )

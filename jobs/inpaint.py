@@ -101,17 +101,20 @@ def build_dataset(config: InpaintConfig, run_id: str, index_ref):
 
 def build_shard_dataset(config: InpaintConfig, run_id: str, index_ref):
     """Sharded inputs: list shards -> read a shard -> inference actors -> write its output shard.
+    Files packed into shards (``config.packing``): the listing groups ``--shard-size`` images into
+    a row, and ``read_pack`` reads them into the row ``read_shard`` would make.
 
     A shard travels as one row (``pipeline/shard_data.py``), so every stage gets whole shards:
     one a read task, one an actor call (its images batched ``--batch-size`` at a time), one a
     write task. The rows the manifest sink takes are each shard's packed manifest rows."""
-    from pipeline.shard_data import ShardOptions, read_shard
+    from pipeline.shard_data import ShardOptions, read_pack, read_shard
     from pipeline.shard_writer import ShardWriteOptions, write_shard
 
     ds = listing_stage(
         config, exclude=(config.output, config.manifest_uri, *([config.masks] if config.masks else [])),
         output_format=None, run_id=run_id,
         index_ref=index_ref, layout=config.input_format,
+        pack=(config.output_layout, config.shard_size) if config.packing else None,
     )  # fmt: skip
     options = ShardOptions(
         layout=config.input_format,
@@ -123,7 +126,10 @@ def build_shard_dataset(config: InpaintConfig, run_id: str, index_ref):
         run_id=run_id,
     )
     ds = ds.map_batches(
-        read_shard, batch_size=1, num_cpus=config.num_cpus_per_task, fn_kwargs={"options": options}
+        read_pack if config.packing else read_shard,
+        batch_size=1,
+        num_cpus=config.num_cpus_per_task,
+        fn_kwargs={"options": options},
     )
     ds = shard_inference_stage(
         ds, config, postprocess=config.postprocess_on if config.postprocess else "none"
@@ -142,6 +148,7 @@ def build_shard_dataset(config: InpaintConfig, run_id: str, index_ref):
         mask_column=config.mask_column,
         key_column=config.key_column,
         output_layout=config.output_layout,
+        shard_size=config.shard_size,
     )
     return ds.map_batches(
         write_shard, batch_size=1, num_cpus=config.num_cpus_per_task, fn_kwargs={"options": write_options}

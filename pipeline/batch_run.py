@@ -98,10 +98,11 @@ def listing_stage(
     run_id: str,
     index_ref=None,
     layout: str = "files",
+    pack: tuple[str, int] | None = None,
 ):
     """A dataset of ``{"key", "uri", "collides_with"}`` rows: every input under ``config.images``
-    (with a shard ``layout``: every shard) but those in the resume index ``index_ref`` (an
-    ObjectRef, or None: list everything)."""
+    (with a shard ``layout``: every shard; with ``pack``: the images grouped into shards to write)
+    but those in the resume index ``index_ref`` (an ObjectRef, or None: list everything)."""
     import ray
 
     from pipeline.resume import list_todo
@@ -124,6 +125,7 @@ def listing_stage(
             "exclude": exclude,
             "output_format": output_format,
             "layout": layout,
+            "pack": pack,
             "run_id": run_id,
             # In a list, so Ray hands the task the reference and the task fetches the index itself.
             "index_ref": [index_ref] if index_ref is not None else [],

@@ -69,6 +69,12 @@ def parquet_fields(table: pa.Table, key_column: str, mask_column: str) -> dict[i
     return fields
 
 
+def packed_fields(row: dict) -> list[tuple[str, bytes]]:
+    """A packed file's fields: its image (replaced by the completion) and a ``json`` naming the
+    file it came from, as img2dataset's ``json`` names a sample's URL."""
+    return [(row["source_field"], b""), (METADATA_FIELD, json.dumps({"source_key": row["key"]}).encode())]
+
+
 def completed_fields(
     fields: list[tuple[str, bytes]], row: dict, mask_png: bytes | None
 ) -> list[tuple[str, bytes]]:

@@ -147,17 +147,23 @@ def list_images(
     exclude: tuple[str, ...] = (),
     output_format: str | None = None,
     layout: str = "files",
+    pack: tuple[str, int] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """ListImages stage: ``{"source": [uri]}`` -> pages of ``{"key", "uri", "collides_with"}`` rows.
 
     ``exclude``: URIs (the output and manifest prefixes) never listed as inputs, so an output
     prefix nested inside the input prefix is not read back as images. ``output_format``: the
     job's, to find inputs whose output name is another input's key (``_collision``). ``layout``
-    webdataset / parquet: the shards instead (``pipeline.shard_layout.shard_entries``).
+    webdataset / parquet: the shards instead (``pipeline.shard_layout.shard_entries``). ``pack``
+    ``(shard layout, size)``: the images grouped in listing order into shards to write, a row each
+    (``_packs``).
     """
     from pipeline.shard_layout import shard_entries
 
     for source in batch["source"]:
+        if pack is not None:
+            yield from _packs(iter_entries(source, endpoint_url, exclude, None), *pack, page_rows)
+            continue
         if layout == "files":
             entries = iter_entries(source, endpoint_url, exclude, output_format)
         else:
@@ -169,3 +175,38 @@ def list_images(
                 "uri": np.array(uris, dtype=object),
                 "collides_with": np.array(collides, dtype=object),
             }
+
+
+PACK_SEPARATOR = "\0"  # between a pack's keys (and URIs) in one string: no key holds a NUL
+
+
+def _packs(
+    entries: Iterator[tuple[str, str, str]], layout: str, size: int, page_rows: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Pages of packs: ``{"key": shard name, "uri": "", "members", "member_uris", "identity"}``,
+    each the next ``size`` listed images (a list file's duplicate keeps its empty URI)."""
+    from pipeline.shard_layout import pack_identity, pack_name
+
+    index, rows = 0, []
+    while chunk := list(itertools.islice(entries, size)):
+        keys, uris = [k for k, _, _ in chunk], [u for _, u, _ in chunk]
+        name = pack_name(index, layout)
+        rows.append((name, PACK_SEPARATOR.join(keys), PACK_SEPARATOR.join(uris), pack_identity(name, keys)))
+        index += 1
+        if len(rows) == page_rows or len(chunk) < size:
+            yield _pack_page(rows)
+            rows = []
+    if rows:
+        yield _pack_page(rows)
+
+
+def _pack_page(rows: list[tuple[str, str, str, str]]) -> dict[str, np.ndarray]:
+    names, members, uris, identities = zip(*rows, strict=True)
+    return {
+        "key": np.array(names, dtype=object),
+        "uri": np.array([""] * len(rows), dtype=object),
+        "collides_with": np.array([""] * len(rows), dtype=object),
+        "members": np.array(members, dtype=object),
+        "member_uris": np.array(uris, dtype=object),
+        "identity": np.array(identities, dtype=object),
+    }

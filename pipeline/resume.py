@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.manifest import RUN_CONFIG_FILE, STATUS_OK, part_paths, read_part, run_dirs, run_id_of
 from pipeline.naming import contains, key_digests
-from pipeline.shard_layout import completion_marker
+from pipeline.shard_layout import SHARD_SUFFIXES, completion_marker, pack_identity
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,12 @@ log = logging.getLogger(__name__)
 RESUME_SETTINGS = (
     "images", "output", "output_format", "masks", "mask_generator", "mask_seed", "local_size", "hole_min",
     "hole_max", "postprocess", "max_side", "write_masks", "input_format", "image_column", "key_column",
-    "mask_column", "image_ext", "output_layout",
+    "mask_column", "image_ext", "output_layout", "shard_size",
 )  # fmt: skip
 # What a _config.json written before a setting existed meant by leaving it out.
 _SETTING_DEFAULTS = {"input_format": "files", "key_column": "key", "mask_column": "mask"}
 _URI_SETTINGS = ("images", "output", "masks")
+SHARD_LAYOUTS = tuple(SHARD_SUFFIXES)
 _EMPTY = np.empty(0, dtype="S16")
 
 
@@ -62,6 +63,8 @@ def resume_settings(config: dict) -> dict:
         values[name] = value
     if values["output_layout"] is None:  # before --output-layout, every output mirrored its input
         values["output_layout"] = values["input_format"]
+    if not (values["input_format"] == "files" and values["output_layout"] in SHARD_LAYOUTS):
+        values["shard_size"] = None  # it shapes the outputs of packed files only
     return values
 
 
@@ -248,15 +251,24 @@ def shard_resume_index(
     report = ResumeReport(unit="shards")
     same = _runs_with_same_settings(fs, root, rule, report)
 
+    # Files packed into shards: a pack is its name and its images (shard_layout.pack_identity).
+    packing = rule.layouts is not None and rule.layouts[0] == "files" and rule.layouts[1] in SHARD_LAYOUTS
+
     def shards_of(path: str) -> tuple[bool, list, list, list, list]:
         in_same = run_id_of(posixpath.dirname(path)) in same
         columns = ["shard", *(["status", "error_type", "checkpoint_id"] if in_same else [])]
         try:
-            table = read_part(fs, path, columns)
+            table = read_part(fs, path, [*columns, *(["input_key"] if packing else [])])
         except (FileNotFoundError, OSError, pa.ArrowException, KeyError) as e:
             log.warning("ignoring manifest part %s (no shard rows): %s", path, e)
             return in_same, [], [], [], []
         shards = table.column("shard").to_pylist()
+        if packing:
+            members: dict[str, list] = {}
+            for shard, key in zip(shards, table.column("input_key").to_pylist(), strict=True):
+                members.setdefault(shard, []).append(key or "")
+            identities = {shard: pack_identity(shard, keys) for shard, keys in members.items() if shard}
+            shards = [identities.get(shard, shard) for shard in shards]
         if not in_same:
             return in_same, sorted({s for s in shards if s}), [], [], []
         counts: dict[str, list] = {}  # shard -> [rows, retry, foreign checkpoint]
@@ -296,7 +308,8 @@ def shard_resume_index(
             continue
         if existing is not None:
             layouts = rule.layouts or ("", "")
-            present = contains(existing, key_digests(completion_marker(n, *layouts) for n in names))
+            markers = (completion_marker(n.partition("\0")[0], *layouts) for n in names)  # a pack: its name
+            present = contains(existing, key_digests(markers))
         else:
             present = np.ones(len(names), bool)
         for digest, count, was_retry, is_foreign, here in zip(
@@ -330,13 +343,15 @@ def drop_completed(
     """Resuming: ``page`` without the keys in the resume index (completed by an earlier run), and
     how many it dropped. Done in the listing so that a finished input costs one digest lookup and
     never reaches a read task, an actor, a writer or the driver. A sharded run's index is
-    ``(digests, rows)``: what it dropped counts each shard's rows."""
+    ``(digests, rows)``: what it dropped counts each shard's rows. Packs of files are looked up by
+    their ``identity`` (``shard_layout.pack_identity``), not by their name alone."""
     if index is None or len(page["key"]) == 0:
         return page, 0
     digests, rows = index if isinstance(index, tuple) else (index, None)
-    found = contains(digests, key_digests([str(k) for k in page["key"]]))
+    names = page["identity"] if "identity" in page else page["key"]
+    found = contains(digests, key_digests([str(k) for k in names]))
     if rows is not None and found.any():
-        positions = np.searchsorted(digests, key_digests([str(k) for k in page["key"][found]]))
+        positions = np.searchsorted(digests, key_digests([str(k) for k in names[found]]))
         dropped = int(rows[positions].sum())
     else:
         dropped = int(found.sum())
@@ -358,7 +373,7 @@ def list_todo(
     index = ray.get(index_ref[0]) if index_ref else None
     progress_board = board(run_id)
     # Shards are not images: their rows are counted as the read tasks read them (ProgressBoard).
-    sharded = kwargs.get("layout", "files") != "files"
+    sharded = kwargs.get("layout", "files") != "files" or kwargs.get("pack") is not None
     listed = skipped = shards = 0
     for page in list_images(batch, **kwargs):
         listed += 0 if sharded else len(page["key"])

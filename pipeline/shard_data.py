@@ -16,6 +16,7 @@ all (gone, a storage failure after the retries, not a tar) is a shard-level erro
 from __future__ import annotations
 
 import io
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("mask", pa.large_binary()),  # HxW uint8, raw
         ("alpha", pa.large_binary()),  # HxW uint8, raw; b"": none
         ("icc_profile", pa.large_binary()),
+        ("uri", pa.string()),  # a packed file's own URI ("": the shard's)
     ]
 )
 
@@ -91,6 +93,8 @@ class Sample:
     mask: bytes | None = None
     mask_name: str = ""
     error: tuple[str, str] | None = None
+    uri: str = ""  # packed files: the file's URI
+    read_s: float = 0.0  # packed files: its own GET
 
 
 def _tar_samples(data: bytes, options: ShardOptions) -> tuple[list[Sample], tuple[str, str] | None]:
@@ -219,7 +223,7 @@ def _decode(samples: list[Sample], options: ShardOptions) -> pa.Table:
         row = dict(
             index=sample.index, key=sample.key, member=sample.member, status=STATUS_ERROR, error_type="",
             error_message="", mask_key="", width=0, height=0, hole_fraction=float("nan"), read_s=0.0,
-            decode_s=0.0, source_exact=False, image=b"", mask=b"", alpha=b"", icc_profile=b"",
+            decode_s=0.0, source_exact=False, image=b"", mask=b"", alpha=b"", icc_profile=b"", uri=sample.uri,
         )  # fmt: skip
         try:
             if sample.error is not None:
@@ -290,6 +294,65 @@ def read_shard(batch: dict[str, np.ndarray], *, options: ShardOptions) -> dict[s
         out["shard"].append(shard)
         out["shard_uri"].append(uri)
         out["source"].append(data)
+        out["samples"].append(pack(table))
+        out["read_s"].append(time.perf_counter() - start)
+    return out
+
+
+PACK_READ_THREADS = 8  # a pack's images are this many GETs at a time
+
+
+def _read_packed(key: str, uri: str, endpoint_url: str | None) -> Sample:
+    """One image of a pack, not yet decoded: its bytes, or why it has none."""
+    sample = Sample(0, key, key, None, uri=uri)
+    try:
+        storage.safe_relative_key(key)  # its --masks mask is looked up at this key
+        if not uri:
+            raise RowError("duplicate_key", "listed more than once; the first listing is processed")
+        fs, path = storage.filesystem(uri, endpoint_url)
+        start = time.perf_counter()
+        sample.data = storage.with_retries(lambda: storage.read_bytes(fs, path))
+        sample.read_s = time.perf_counter() - start
+    except storage.UnsafeKeyError as e:
+        sample.error = ("unsafe_key", str(e))
+    except RowError as e:
+        sample.error = (e.kind, str(e))
+    except FileNotFoundError:
+        sample.error = ("not_found", f"{storage.redact(uri)!r} no longer exists")
+    except Exception as e:
+        sample.error = ("read_failed", f"{type(e).__name__}: {e}")
+    return sample
+
+
+def read_pack(batch: dict[str, np.ndarray], *, options: ShardOptions) -> dict[str, list]:
+    """ReadShard for files packed into shards (``--output-layout webdataset|parquet`` with files in):
+    a listed pack -> the same row ``read_shard`` makes, its samples the pack's images in listing
+    order, each with its own URI; ``source`` is empty (the writer builds the shard from the samples)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.listing import PACK_SEPARATOR
+    from pipeline.metrics import board
+
+    out: dict[str, list] = {"shard": [], "shard_uri": [], "source": [], "samples": [], "read_s": []}
+    progress_board = board(options.run_id)
+    endpoints = itertools.repeat(options.read.endpoint_url)
+    for shard, members, uris in zip(batch["key"], batch["members"], batch["member_uris"], strict=True):
+        start = time.perf_counter()
+        keys, uris = str(members).split(PACK_SEPARATOR), str(uris).split(PACK_SEPARATOR)
+        with ThreadPoolExecutor(PACK_READ_THREADS) as pool:
+            samples = list(pool.map(_read_packed, keys, uris, endpoints))
+        for index, sample in enumerate(samples):
+            sample.index = index
+        table = _decode(samples, options)
+        table = table.set_column(
+            table.schema.get_field_index("read_s"), "read_s",
+            pa.array([sample.read_s for sample in samples], pa.float32()),
+        )  # fmt: skip
+        if progress_board is not None:
+            progress_board.found_rows.remote(len(table))
+        out["shard"].append(str(shard))
+        out["shard_uri"].append("")
+        out["source"].append(b"")
         out["samples"].append(pack(table))
         out["read_s"].append(time.perf_counter() - start)
     return out

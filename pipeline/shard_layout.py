@@ -80,6 +80,21 @@ def shard_entries(
                 yield storage.relative_key(root, path), storage.full_uri(fs, path)
 
 
+def pack_name(index: int, layout: str) -> str:
+    """The name of the ``index``-th shard that packing files makes: ``00000.tar``, ``00001.tar``, ..."""
+    return f"{index:05d}{SHARD_SUFFIXES[layout]}"
+
+
+def pack_identity(name: str, keys) -> str:
+    """What a packed shard is, for a resume: its name and which images it holds (a digest of their
+    sorted keys). An image added to or gone from the listing changes the packs from there on, and a
+    rerun then redoes those instead of skipping a name that now means other images."""
+    import hashlib
+
+    digest = hashlib.blake2b("\n".join(sorted(keys)).encode("utf-8", "surrogatepass"), digest_size=16)
+    return f"{name}\0{digest.hexdigest()}"
+
+
 def shard_stem(shard_key: str) -> str:
     """A shard's key without its extension: ``sub/00000.tar`` -> ``sub/00000``."""
     return shard_key.rsplit(".", 1)[0] if "." in posixpath.basename(shard_key) else shard_key

@@ -30,7 +30,7 @@ from pipeline import manifest as manifest_lib
 from pipeline.manifest import STATUS_ERROR, STATUS_OK
 from pipeline.metrics import RowTally
 from pipeline.shard_data import pack, pixels, unpack
-from pipeline.shard_layout import output_shard_key, stats_key
+from pipeline.shard_layout import output_shard_key, shard_stem, stats_key
 from pipeline.writer import LOSSLESS_ENCODERS, encode, postprocessed
 
 EXTENSION_ENCODERS = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}
@@ -52,6 +52,7 @@ class ShardWriteOptions:
     mask_column: str = parquet_shard.MASK_COLUMN
     key_column: str = parquet_shard.KEY_COLUMN
     output_layout: str = ""  # --output-layout: files / webdataset / parquet; "": the input's
+    shard_size: int = 1000  # packed files (layout "files"): the samples a shard holds, for their keys
 
     @property
     def converting(self) -> bool:
@@ -96,18 +97,27 @@ def _mask_png(row: dict) -> bytes:
     return encode(pixels(row["mask"], row["height"], row["width"], channels=1) * 255, "png")
 
 
+def _extension(key: str) -> str:
+    name = key.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[-1] if "." in name else ""
+
+
 def _name_converted(row: dict, encoder: str, shard: str, options: ShardWriteOptions) -> None:
     """``--output-layout`` other than the input's: the image's field in the input and in the output
     (``layout_convert``), and where the manifest says it went."""
+    row["sample_key"] = row["key"]
     if options.layout == "webdataset":
         row["source_field"] = tar_shard.key_and_extension(row["member"])[1]
         row["image_field"] = tar_shard.key_and_extension(row["output_member"])[1]
-    else:
-        row["source_field"] = row["member"]
-        named = EXTENSION_ENCODERS.get(row["member"].lower()) == encoder
-        row["image_field"] = row["member"] if named else FORMAT_EXTENSIONS[encoder]
+    else:  # a Parquet column, or a packed file's extension
+        row["source_field"] = row["member"] if options.layout == "parquet" else _extension(row["member"])
+        named = EXTENSION_ENCODERS.get(row["source_field"].lower()) == encoder
+        row["image_field"] = row["source_field"] if named else FORMAT_EXTENSIONS[encoder]
+    if options.layout == "files":  # img2dataset's keys: the shard's number, then the sample's
+        width = max(4, len(str(options.shard_size - 1)))
+        row["sample_key"] = f"{shard_stem(shard)}{row['index']:0{width}d}"
     if options.output_layout == "webdataset":
-        row["output_member"] = f"{row['key']}.{row['image_field']}"
+        row["output_member"] = f"{row['sample_key']}.{row['image_field']}"
     elif options.output_layout == "parquet":
         row["output_member"] = row["image_field"]
     else:
@@ -129,6 +139,9 @@ def _encode_all(
         try:
             if options.layout == "webdataset":
                 row["output_member"], encoder = output_member(row["member"], options.output_format)
+            elif options.layout == "files":
+                same = EXTENSION_ENCODERS.get(_extension(row["member"]).lower(), "png")
+                encoder = same if options.output_format == "same" else options.output_format
             else:
                 row["output_member"] = row["member"]
                 encoder = (
@@ -265,8 +278,10 @@ def _write_converted(fs, root, shard, source, table, done, samples, options, sta
     """``--output-layout`` other than the input's (``pipeline/layout_convert.py``)."""
     if options.layout == "webdataset":
         fields = layout_convert.tar_fields(source)
-    else:
+    elif options.layout == "parquet":
         fields = layout_convert.parquet_fields(table, options.key_column, options.mask_column)
+    else:
+        fields = {index: layout_convert.packed_fields(row) for index, row in done.items()}
     completed = [
         (
             row,
@@ -286,7 +301,7 @@ def _write_converted(fs, root, shard, source, table, done, samples, options, sta
                 row["output_uri"] = storage.full_uri(fs, storage.join_key(root, row["output_key"]))
         return
     key = output_shard_key(shard, options.layout, options.output_layout)
-    keyed = [(row["key"], row_fields) for row, row_fields in completed]
+    keyed = [(row["sample_key"], row_fields) for row, row_fields in completed]
     if options.output_layout == "webdataset":
         build = lambda local: layout_convert.build_tar(local, keyed)  # noqa: E731
     else:
@@ -305,9 +320,9 @@ def _manifest_rows(shard: str, shard_uri: str, samples: list[dict], options) -> 
     ok = [r["status"] == STATUS_OK for r in samples]
     rows = {
         "input_key": col("key"),
-        "input_uri": [shard_uri] * n,
+        "input_uri": [r.get("uri") or shard_uri for r in samples],
         "shard": [shard] * n,
-        "member": col("member"),
+        "member": col("member") if options.layout != "files" else [""] * n,  # a packed file has none
         "output_member": [r["output_member"] if k else "" for r, k in zip(samples, ok, strict=True)],
         "mask_key": col("mask_key"),
         "mask_generator": [options.mask_generator if not r["mask_key"] else "" for r in samples],
@@ -345,7 +360,7 @@ def write_shard(batch: dict[str, np.ndarray], *, options: ShardWriteOptions) -> 
         started = time.time()
         shard, shard_uri, source = str(shard), str(shard_uri), bytes(source)
         samples = unpack(packed).to_pylist()
-        readable = bool(source) and not any(r["error_type"] in ("not_a_tar", "not_parquet", "shard_layout")
+        readable = (bool(source) or options.layout == "files") and not any(r["error_type"] in ("not_a_tar", "not_parquet", "shard_layout")
                                             for r in samples if not r["key"])  # fmt: skip
         if readable:
             source_encoders = {}

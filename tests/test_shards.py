@@ -565,3 +565,105 @@ def test_tars_on_s3_converted_to_files_never_escape_the_output(ray_local, s3_pre
     assert run(config)["counts"] == {"ok": 0, "error": 0, "skipped": 3}
     fs.rm(storage.join_key(base, "out/00000_stats.json"))  # the marker gone: the shard is redone
     assert run(config)["counts"] == {"ok": 2, "error": 0, "skipped": 1}
+
+
+def test_files_packed_into_tars_then_resumed_when_images_are_added(
+    ray_local, tmp_path, photos, tiny_checkpoint
+):
+    """--output-layout webdataset with files in: --shard-size images per tar in listing order, keys
+    as img2dataset numbers them, each sample's json naming its file; a rerun after an image is added
+    redoes only the pack that changed, and every image stays in exactly one tar."""
+    import webdataset as wds
+
+    images, out = tmp_path / "in", tmp_path / "out"
+    (images / "b").mkdir(parents=True)
+    sources = {}
+    for i, name in enumerate(["a0.jpg", "a1.png", "b/c2.jpg", "b/c3.jpg", "b/c4.png", "d5.jpg"]):
+        picture = crop(photos[i], 40, 48)
+        data = encode(picture, "PNG") if name.endswith(".png") else encode(picture, "JPEG", quality=95)
+        (images / name).write_bytes(data)
+        sources[name] = decode_image(data)
+    (images / "b" / "bad.jpg").write_bytes(b"not a jpeg")
+    config = InpaintConfig(
+        images=str(images), output=str(out), checkpoint=tiny_checkpoint, max_side=0,
+        output_layout="webdataset", shard_size=3,
+    )  # fmt: skip
+    summary = run(config)
+    assert summary["counts"] == {"ok": 6, "error": 1, "skipped": 0}
+    rows = {r["input_key"]: r for r in read_manifest(str(out / "_manifest")).to_pylist()}
+    packs = {key: (r["shard"], r["status"]) for key, r in rows.items()}
+    assert packs == {  # listing order: a folder's files, then its subfolders
+        "a0.jpg": ("00000.tar", "ok"), "a1.png": ("00000.tar", "ok"), "d5.jpg": ("00000.tar", "ok"),
+        "b/bad.jpg": ("00001.tar", "error"), "b/c2.jpg": ("00001.tar", "ok"), "b/c3.jpg": ("00001.tar", "ok"),
+        "b/c4.png": ("00002.tar", "ok"),
+    }  # fmt: skip
+    assert rows["a1.png"]["output_member"] == "000000001.png" and rows["a1.png"]["known_pixels_exact"]
+    assert rows["b/bad.jpg"]["error_type"] == "not_an_image"
+    assert rows["a0.jpg"]["input_uri"].endswith("in/a0.jpg") and rows["a0.jpg"]["output_key"] == "00000.tar"
+
+    def read_back() -> dict[str, list]:
+        found = {}
+        for tar in sorted(out.glob("*.tar")):
+            found[tar.name] = list(wds.WebDataset(str(tar), shardshuffle=False).decode("rgb8"))
+        return found
+
+    tars = read_back()
+    assert {name: [s["__key__"] for s in samples] for name, samples in tars.items()} == {
+        "00000.tar": ["000000000", "000000001", "000000002"],
+        "00001.tar": ["000010001", "000010002"],  # the bad file (its first sample) is left out
+        "00002.tar": ["000020000"],
+    }
+    for samples in tars.values():
+        for sample in samples:
+            assert set(sample) - {"__key__", "__url__", "__local_path__"} == {"png", "json"}
+            row = rows[sample["json"]["source_key"]]
+            assert row["output_member"] == f"{sample['__key__']}.png"
+            assert_known_pixels_kept(sample["png"], sources[row["input_key"]], the_mask(row), exact=True)
+
+    assert run(config)["counts"] == {"ok": 0, "error": 0, "skipped": 7}
+    late = crop(photos[7], 40, 48)
+    (images / "b" / "c5.jpg").write_bytes(
+        encode(late, "JPEG", quality=95)
+    )  # listed last: joins the third pack
+    again = run(config)
+    assert again["counts"] == {"ok": 2, "error": 0, "skipped": 6}
+    held = [s["json"]["source_key"] for samples in read_back().values() for s in samples]
+    assert sorted(held) == sorted([*sources, "b/c5.jpg"])  # each image in exactly one tar
+
+
+def test_files_packed_into_parquet_on_s3_with_their_masks(
+    ray_local, s3_prefix, photos, tiny_checkpoint, tmp_path
+):
+    import duckdb
+
+    from tests.helpers import write_objects
+
+    files, masks = {}, {}
+    for i in range(4):
+        files[f"img/{i}.jpg"] = encode(crop(photos[i], 40, 48), "JPEG", quality=95)
+        masks[f"img/{i}.png"] = encode(rect_mask(40, 48) * 255, "PNG")  # at the image's key, as .png
+    write_objects(f"{s3_prefix}/in", files)
+    write_objects(f"{s3_prefix}/masks", masks)
+    config = InpaintConfig(
+        images=f"{s3_prefix}/in", output=f"{s3_prefix}/out", masks=f"{s3_prefix}/masks", checkpoint=tiny_checkpoint,
+        max_side=0, output_layout="parquet", shard_size=3,
+    )  # fmt: skip
+    assert run(config)["counts"] == {"ok": 4, "error": 0, "skipped": 0}
+    fs, base = storage.filesystem(s3_prefix)
+    for name in ("00000.parquet", "00001.parquet"):
+        (tmp_path / name).write_bytes(storage.read_bytes(fs, storage.join_key(base, f"out/{name}")))
+    got = duckdb.sql(
+        f"select key, json_extract_string(decode(json), '$.source_key'), png is not null "
+        f"from read_parquet('{tmp_path}/*.parquet') order by key"
+    ).fetchall()
+    assert got == [
+        ("000000000", "img/0.jpg", True), ("000000001", "img/1.jpg", True), ("000000002", "img/2.jpg", True),
+        ("000010000", "img/3.jpg", True),
+    ]  # fmt: skip
+    table = pq.read_table(tmp_path / "00000.parquet")
+    assert table.schema.names == ["key", "png", "json"]
+    rows = {r["input_key"]: r for r in read_manifest(f"{s3_prefix}/out/_manifest").to_pylist()}
+    assert rows["img/0.jpg"]["mask_key"] == "img/0.png"
+    for key, png in zip(*(table.column(n).to_pylist() for n in ("key", "png")), strict=True):
+        source = decode_image(files[f"img/{int(key[-1])}.jpg"])
+        assert_known_pixels_kept(decode_image(png), source, rect_mask(40, 48), exact=True)
