@@ -12,6 +12,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def missing_tool(hint: str, required_by: str) -> None:
+    """A tool a test needs is not here: fail where ``make test`` sets ``required_by`` (no silent
+    skip in CI), else skip saying how to get it."""
+    import pytest
+
+    if os.environ.get(required_by):
+        pytest.fail(hint)
+    pytest.skip(hint)
+
+
 def write_objects(root: str, files: dict[str, bytes], endpoint_url: str | None = None) -> None:
     """Put ``files`` (relative key -> bytes) under ``root``, any fsspec URI."""
     from pipeline import storage

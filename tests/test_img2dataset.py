@@ -27,7 +27,7 @@ from jobs.config import InpaintConfig
 from jobs.inpaint import run
 from pipeline.decode import decode_image
 from pipeline.manifest import read_manifest
-from tests.helpers import REPO
+from tests.helpers import REPO, missing_tool
 from tests.test_shards import assert_known_pixels_kept, the_mask
 
 INSTALL_HINT = "img2dataset is missing: make .venv-img2dataset/.installed (or set GLCIC_IMG2DATASET)"
@@ -36,9 +36,7 @@ INSTALL_HINT = "img2dataset is missing: make .venv-img2dataset/.installed (or se
 def img2dataset_command() -> str:
     found = os.environ.get("GLCIC_IMG2DATASET") or str(REPO / ".venv-img2dataset" / "bin" / "img2dataset")
     if not Path(found).exists():
-        if os.environ.get("GLCIC_REQUIRE_IMG2DATASET"):  # `make test`: no silent skip
-            pytest.fail(INSTALL_HINT)
-        pytest.skip(INSTALL_HINT)
+        missing_tool(INSTALL_HINT, "GLCIC_REQUIRE_IMG2DATASET")
     return found
 
 

@@ -14,12 +14,12 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, missing_tool
+
 GLCIC = [sys.executable, "-m", "jobs.cli"]
 N_GOOD = 24  # photographs to complete; one more input is not an image (an error row)
 
@@ -30,9 +30,7 @@ def prometheus_binary():
 
     binary = prometheus_binary()
     if binary is None:
-        if os.environ.get("GLCIC_REQUIRE_PROMETHEUS"):  # `make test`: no silent skip
-            pytest.fail(INSTALL_HINT)
-        pytest.skip(INSTALL_HINT)
+        missing_tool(INSTALL_HINT, "GLCIC_REQUIRE_PROMETHEUS")
     return binary
 
 
