@@ -220,3 +220,16 @@ def test_input_states_and_the_documented_duckdb_query_agree(tmp_path):
     assert [r for r, _ in runs] == [
         "20260101T000000Z-aaaa", "20260102T000000Z-bbbb", "20260103T000000Z-cccc", "20260104T000000Z-dddd"]  # fmt: skip
     assert all(summary is None for _, summary in runs)  # no _SUCCESS.json: none finished
+
+
+def test_runs_from_before_output_layouts_still_resume_and_shard_size_counts_only_for_packing():
+    old_files = {"images": "/d/in", "output": "/d/out", "output_format": "png"}  # a _config.json of before
+    now = {**old_files, "input_format": "files", "output_layout": "files", "shard_size": 1000}
+    assert resume_settings(old_files) == resume_settings(now)
+    old_tars = {**old_files, "input_format": "webdataset", "output_format": "same"}
+    assert resume_settings(old_tars) == resume_settings(
+        {**old_tars, "output_layout": "webdataset", "shard_size": 5}
+    )
+    assert resume_settings(old_tars) != resume_settings({**old_tars, "output_layout": "parquet"})
+    packed = {**now, "output_layout": "webdataset"}
+    assert resume_settings(packed) != resume_settings({**packed, "shard_size": 500})
