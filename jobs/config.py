@@ -349,6 +349,11 @@ class BatchInferenceConfig:
     )
     limit: int | None = flag("process at most this many listed images still to do", None)
     manifest_rows_per_part: int = flag("rows per manifest Parquet file", 4096)
+    manifest_num_cpus: float = flag(
+        "CPUs each manifest write task requests; 0: none, so the parts that commit finished work never wait "
+        "for a CPU the pipeline's own tasks hold (bench/commit_lag.py)",
+        0.0,
+    )
     log_every_s: float = flag("seconds between progress lines in the job log", 10.0)
 
     def __post_init__(self):
@@ -366,6 +371,8 @@ class BatchInferenceConfig:
             problems.append("--max-side must be >= 0 (0: the full resolution)")
         if self.batch_size < 0:
             problems.append("--batch-size must be at least 1 (or 0: automatic)")
+        if self.manifest_num_cpus < 0:
+            problems.append(f"--manifest-num-cpus must be >= 0, got {self.manifest_num_cpus}")
         if self.num_actors < 0 or self.num_cpus_per_actor < 0 or self.num_cpus_per_task <= 0:
             problems.append("--num-actors and --num-cpus-per-actor must be >= 0, --num-cpus-per-task > 0")
         if self.min_actors < 1 or self.max_actors < 0:

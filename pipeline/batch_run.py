@@ -247,7 +247,10 @@ def write_manifest(ds, run: BatchRun, config, *, schema=None, totals=None, per_r
     sink = ManifestDatasink(
         run.root, run.run_id, rows_per_part, config.endpoint_url, schema=schema, totals=totals
     )
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": min(0.25, config.num_cpus_per_task)})
+    # By default no CPU: a part is what commits finished work (a rerun skips what the manifest
+    # holds), and on a small cluster the read, actor and write stages hold every CPU, so a sink task
+    # that waited for a fraction of one committed nothing until the run's end (bench/commit_lag.py).
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": config.manifest_num_cpus})
     # What each stage handed on (Ray Data's own count, public in Dataset.stats()): one block per
     # image for files, one per shard for shards, the driver's bookkeeping grows with it.
     sink.totals.blocks = blocks_produced(ds.stats())

@@ -147,6 +147,16 @@ def test_shards_bench_counts_requests_and_blocks_for_files_and_tars(tmp_path):
     assert positive(figures["ratios"]["s3/webdataset"]["requests_files_over_shards"])
 
 
+@pytest.mark.timeout(300)
+def test_commit_lag_bench_runs_each_manifest_cpu_setting(tmp_path):
+    figures = run_bench("commit_lag.py", tmp_path)
+    runs = {r["manifest_num_cpus"]: r for r in figures["runs"]}
+    assert set(runs) == {0.25, 0.0}
+    for r in runs.values():
+        assert r["ok"] == 1000 and positive(r["wall_s"]) and r["timeline"]
+        assert all(0 <= committed <= written <= 5 for _, written, committed in r["timeline"])
+
+
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("path", ["ray_train", "plain_torch"])
 def test_gpu_run_dry_run_writes_what_the_gpu_run_hands_back(tmp_path, path):
