@@ -508,7 +508,9 @@ class InpaintConfig(BatchInferenceConfig):
     @property
     def packing(self) -> bool:
         """Files in, shards out: the listing groups the images into shards of ``shard_size``."""
-        return self.input_format == "files" and self.output_layout in ("webdataset", "parquet")
+        from pipeline.shard_layout import packs_files
+
+        return packs_files(self.input_format, self.output_layout)
 
     @property
     def sharded(self) -> bool:

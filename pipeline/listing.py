@@ -193,7 +193,7 @@ def _packs(
         name = pack_name(index, layout)
         rows.append((name, PACK_SEPARATOR.join(keys), PACK_SEPARATOR.join(uris), pack_identity(name, keys)))
         index += 1
-        if len(rows) == page_rows or len(chunk) < size:
+        if len(rows) == page_rows:
             yield _pack_page(rows)
             rows = []
     if rows:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.manifest import RUN_CONFIG_FILE, STATUS_OK, part_paths, read_part, run_dirs, run_id_of
 from pipeline.naming import contains, key_digests
-from pipeline.shard_layout import SHARD_SUFFIXES, completion_marker, pack_identity
+from pipeline.shard_layout import completion_marker, pack_identity, packs_files, shard_of_identity
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ RESUME_SETTINGS = (
 # What a _config.json written before a setting existed meant by leaving it out.
 _SETTING_DEFAULTS = {"input_format": "files", "key_column": "key", "mask_column": "mask"}
 _URI_SETTINGS = ("images", "output", "masks")
-SHARD_LAYOUTS = tuple(SHARD_SUFFIXES)
 _EMPTY = np.empty(0, dtype="S16")
 
 
@@ -63,7 +62,7 @@ def resume_settings(config: dict) -> dict:
         values[name] = value
     if values["output_layout"] is None:  # before --output-layout, every output mirrored its input
         values["output_layout"] = values["input_format"]
-    if not (values["input_format"] == "files" and values["output_layout"] in SHARD_LAYOUTS):
+    if not packs_files(values["input_format"], values["output_layout"]):
         values["shard_size"] = None  # it shapes the outputs of packed files only
     return values
 
@@ -252,7 +251,7 @@ def shard_resume_index(
     same = _runs_with_same_settings(fs, root, rule, report)
 
     # Files packed into shards: a pack is its name and its images (shard_layout.pack_identity).
-    packing = rule.layouts is not None and rule.layouts[0] == "files" and rule.layouts[1] in SHARD_LAYOUTS
+    packing = rule.layouts is not None and packs_files(*rule.layouts)
 
     def shards_of(path: str) -> tuple[bool, list, list, list, list]:
         in_same = run_id_of(posixpath.dirname(path)) in same
@@ -308,7 +307,7 @@ def shard_resume_index(
             continue
         if existing is not None:
             layouts = rule.layouts or ("", "")
-            markers = (completion_marker(n.partition("\0")[0], *layouts) for n in names)  # a pack: its name
+            markers = (completion_marker(shard_of_identity(n), *layouts) for n in names)
             present = contains(existing, key_digests(markers))
         else:
             present = np.ones(len(names), bool)

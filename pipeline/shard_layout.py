@@ -85,6 +85,11 @@ def pack_name(index: int, layout: str) -> str:
     return f"{index:05d}{SHARD_SUFFIXES[layout]}"
 
 
+def packs_files(input_layout: str, output_layout: str) -> bool:
+    """Whether a run with these layouts packs one object per image into shards."""
+    return input_layout == "files" and output_layout in SHARD_SUFFIXES
+
+
 def pack_identity(name: str, keys) -> str:
     """What a packed shard is, for a resume: its name and which images it holds (a digest of their
     sorted keys). An image added to or gone from the listing changes the packs from there on, and a
@@ -92,7 +97,15 @@ def pack_identity(name: str, keys) -> str:
     import hashlib
 
     digest = hashlib.blake2b("\n".join(sorted(keys)).encode("utf-8", "surrogatepass"), digest_size=16)
-    return f"{name}\0{digest.hexdigest()}"
+    return f"{name}{_IDENTITY_SEPARATOR}{digest.hexdigest()}"
+
+
+def shard_of_identity(identity: str) -> str:
+    """The shard name in a ``pack_identity`` (a name that is no identity: itself)."""
+    return identity.partition(_IDENTITY_SEPARATOR)[0]
+
+
+_IDENTITY_SEPARATOR = "\0"
 
 
 def shard_stem(shard_key: str) -> str:
